@@ -1,0 +1,69 @@
+"""One frozen settings object per process, read from ``STREAMREC_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Every field maps to ``STREAMREC_<FIELD>`` (upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_", frozen=True, extra="ignore")
+
+    # --- Kafka connection -------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="host:port[,host:port...]")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+
+    # --- Topics -----------------------------------------------------------------------
+    topic_events: str = "streamrec.events"
+    topic_items: str = "streamrec.items"
+    topic_recommendations: str = "streamrec.recommendations"
+    topic_dlq: str = "streamrec.events.dlq"
+    topic_partitions: int = Field(4, ge=1, description="partitions for topics we create")
+    topic_replication: int = Field(1, ge=1)
+
+    # --- Local broker (``streamrec kafka start``) ------------------------------------
+    local_kafka_dir: Path = Path(".streamrec/kafka")
+    local_kafka_port: int = 9092
+    local_kafka_controller_port: int = 9093
+    local_kafka_heap: str = "1g"
+    jars_dir: Path = Path(".cache/kafka-jars")
+
+    # --- Worker -----------------------------------------------------------------------
+    app_id: str = "streamrec"
+    data_dir: Path = Path(".streamrec/worker")
+    store: str = Field("rocksdb://", description="faust table store: rocksdb:// or memory://")
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    model_dir: Path | None = None
+    batch_size: int = Field(256, ge=1, description="max events per micro-batch")
+    batch_within_s: float = Field(0.02, gt=0, description="max wait to fill a micro-batch")
+    slate_size: int = Field(10, ge=1, le=200)
+    candidates: int = Field(200, ge=1, le=2000)
+    diversity: float = Field(0.2, ge=0.0, le=1.0, description="MMR weight on diversity")
+    filter_seen: bool = False
+    session_max_len: int = Field(50, ge=1, le=1000)
+    dedupe_window_s: float = Field(3600.0, gt=0)
+    max_message_bytes: int = Field(64 * 1024, ge=256)
+    max_event_age_days: float = Field(365.0 * 30, gt=0)
+    max_event_future_s: float = Field(300.0, ge=0)
+    torch_threads: int = Field(0, ge=0, description="0 = torch default")
+
+    # --- Observability ----------------------------------------------------------------
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the process settings from the environment, with explicit overrides on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]
