@@ -1,0 +1,275 @@
+"""``streamrec bench stream``: sustained throughput and end-to-end latency through the real
+broker, next to a passthrough reference measured in the same run (same Faust machinery and
+batching, no decoding, state or model), plus a batch-size sweep.
+
+Latency is measured where a consumer would see it: the time a slate arrives on the
+recommendations topic minus the event's ``ts``, which the replayer stamps at send time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from serving.synthetic import make_shop, write_jsonl
+from streamrec.demo import _train
+from streamrec.kafka_local import LocalKafka
+from streamrec.procs import WorkerProcess, free_port
+from streamrec.replay import (
+    OutputCollector,
+    event_records,
+    make_producer,
+    produce_records,
+    scrape_metrics,
+    write_json,
+)
+from streamrec.settings import Settings
+from streamrec.topics import design_topics, ensure_topics
+
+
+def _summed(metrics: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+
+
+def _one_run(
+    settings: Settings,
+    events: list[dict[str, Any]],
+    workdir: Path,
+    label: str,
+    passthrough: bool,
+    items: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Fresh topics and app id, a worker, a full-speed replay; returns figures and sums."""
+    tag = f"{label}-{time.strftime('%H%M%S')}"
+    s = settings.model_copy(
+        update={
+            "app_id": f"bench-{tag}",
+            "topic_events": f"bench.{tag}.events",
+            "topic_items": f"bench.{tag}.items",
+            "topic_recommendations": f"bench.{tag}.recs",
+            "topic_dlq": f"bench.{tag}.dlq",
+            "data_dir": workdir / tag,
+            "metrics_port": free_port(),
+        }
+    )
+    ensure_topics(s, design_topics(s))
+    producer = make_producer(s)
+    if items:
+        produce_records(
+            producer, s.topic_items, [(i["item_id"].encode(), json.dumps(i).encode()) for i in items]
+        )
+    worker = WorkerProcess(s, workdir / f"{tag}.log", passthrough=passthrough)
+    with worker, OutputCollector(s) as collector:
+        # Warm-up: a few events so partition assignment and first-batch costs are excluded.
+        warm = [{**e, "event_id": f"warm-{i}-{e['event_id']}"} for i, e in enumerate(events[:200])]
+        produce_records(producer, s.topic_events, event_records(warm))
+        _wait_for(collector, len(warm) if passthrough else 1, 60)
+        time.sleep(1.0)
+        base = collector.snapshot()
+        base_metrics = scrape_metrics(worker.metrics_url)
+        t0 = time.time()
+        sent = produce_records(producer, s.topic_events, event_records(events))
+        expected_min = sent if passthrough else 1
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            m = scrape_metrics(worker.metrics_url)
+            handled = (
+                _summed(m, "streamrec_recommendations_produced_total")
+                - _summed(base_metrics, "streamrec_recommendations_produced_total")
+                if passthrough
+                else _summed(m, "streamrec_events_consumed_total")
+                + _summed(m, "streamrec_events_rejected_total")
+                + m.get("streamrec_events_duplicate_total", 0.0)
+                - _summed(base_metrics, "streamrec_events_consumed_total")
+                - _summed(base_metrics, "streamrec_events_rejected_total")
+                - base_metrics.get("streamrec_events_duplicate_total", 0.0)
+            )
+            if handled >= sent:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+        got = collector.snapshot()
+        metrics = scrape_metrics(worker.metrics_url)
+    received = got.recommendations - base.recommendations
+    lat = got.latencies_ms[len(base.latencies_ms) :]
+    end = got.last_at or time.time()
+    seconds = max(1e-9, end - t0)
+    import numpy as np
+
+    arr = np.asarray(lat) if lat else np.asarray([np.nan])
+    result: dict[str, Any] = {
+        "label": label,
+        "batch_size": s.batch_size,
+        "events": sent,
+        "received": received,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(sent / seconds, 1),
+        "latency_ms": {
+            "p50": float(np.percentile(arr, 50)),
+            "p99": float(np.percentile(arr, 99)),
+            "p999": float(np.percentile(arr, 99.9)),
+            "max": float(np.max(arr)),
+        },
+    }
+    if not passthrough:
+        accepted = _summed(metrics, "streamrec_events_consumed_total") - _summed(
+            base_metrics, "streamrec_events_consumed_total"
+        )
+        rejected = _summed(metrics, "streamrec_events_rejected_total") - _summed(
+            base_metrics, "streamrec_events_rejected_total"
+        )
+        dups = metrics.get("streamrec_events_duplicate_total", 0.0) - base_metrics.get(
+            "streamrec_events_duplicate_total", 0.0
+        )
+        produced = metrics.get("streamrec_recommendations_produced_total", 0.0) - base_metrics.get(
+            "streamrec_recommendations_produced_total", 0.0
+        )
+        coalesced = metrics.get(
+            "streamrec_recommendations_coalesced_total", 0.0
+        ) - base_metrics.get("streamrec_recommendations_coalesced_total", 0.0)
+        dlq = got.dead_letters - base.dead_letters
+        result["accounting"] = {
+            "sent": sent,
+            "accepted": accepted,
+            "rejected": rejected,
+            "duplicates": dups,
+            "produced": produced,
+            "coalesced": coalesced,
+            "received_recommendations": received,
+            "received_dlq": dlq,
+            "ok": accepted + rejected + dups == sent
+            and produced == accepted - coalesced
+            and received == produced
+            and dlq == rejected,
+        }
+        result["stage_seconds_mean"] = _stage_means(metrics)
+    return result
+
+
+def _stage_means(metrics: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.startswith("streamrec_stage_duration_seconds_sum{"):
+            stage = key.split('stage="')[1].split('"')[0]
+            count = metrics.get(key.replace("_sum{", "_count{"), 0.0)
+            if count:
+                out[stage] = round(value / count * 1000, 3)
+    return out
+
+
+def _wait_for(collector: OutputCollector, n: int, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while collector.snapshot().recommendations < n:
+        if time.time() > deadline:
+            raise RuntimeError(f"bench: no output from the worker within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def run_stream_bench(
+    base: Settings,
+    console: Console,
+    *,
+    n_events: int,
+    json_out: Path,
+    sweep: list[int],
+    sweep_events: int,
+    workdir: Path,
+) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    kafka = LocalKafka.from_settings(base)
+    was_running = kafka.status().running
+    kafka.start()
+    settings = base.model_copy(update={"kafka_bootstrap": kafka.bootstrap})
+    try:
+        shop = make_shop(n_items=2000, n_users=max(1000, n_events // 20), events_per_user=20, seed=3)
+        model_dir = workdir / "model"
+        if not (model_dir / "config.json").exists():
+            train = write_jsonl(shop.events[: min(len(shop.events), 60000)], workdir / "train.jsonl")
+            _train(console, train, "events", model_dir, 5, workdir / "train.log")
+        settings = settings.model_copy(update={"model_dir": model_dir.resolve()})
+        # Interleave users as live traffic would (make_shop lists them user by user).
+        ordered = sorted(shop.events, key=lambda e: e["ts"])
+        events = ordered[:n_events]
+        console.print(f"passthrough reference: {len(events)} events...")
+        ref = _one_run(settings, events, workdir, "passthrough", True, [])
+        console.print(f"full pipeline: {len(events)} events...")
+        full = _one_run(settings, events, workdir, "full", False, shop.items)
+        runs = []
+        for size in sweep:
+            console.print(f"sweep: batch size {size}...")
+            s = settings.model_copy(update={"batch_size": size})
+            runs.append(_one_run(s, ordered[:sweep_events], workdir, f"b{size}", False, shop.items))
+    finally:
+        if not was_running:
+            kafka.stop()
+    report: dict[str, Any] = {
+        "machine": _machine(),
+        "passthrough": ref,
+        "full": full,
+        "ratio_full_to_passthrough": round(full["events_per_s"] / ref["events_per_s"], 3),
+        "sweep": runs,
+        "accounting": {
+            "ok": full["accounting"]["ok"] and all(r["accounting"]["ok"] for r in runs),
+            "full": full["accounting"],
+        },
+        "targets": {
+            "events_per_s>=5000": full["events_per_s"] >= 5000,
+            "p99_ms<=100": full["latency_ms"]["p99"] <= 100,
+            "ratio>=0.5": full["events_per_s"] / ref["events_per_s"] >= 0.5,
+        },
+    }
+    write_json(json_out, report)
+    if runs:
+        _plot_sweep(runs, json_out.with_suffix(".png"))
+    table = Table(title="stream benchmark")
+    for col in ("run", "batch", "events/s", "p50 ms", "p99 ms", "p99.9 ms"):
+        table.add_column(col, justify="right")
+    for r in [ref, full, *runs]:
+        lat = r["latency_ms"]
+        table.add_row(
+            r["label"],
+            str(r["batch_size"]),
+            f"{r['events_per_s']:.0f}",
+            f"{lat['p50']:.1f}",
+            f"{lat['p99']:.1f}",
+            f"{lat['p999']:.1f}",
+        )
+    console.print(table)
+    console.print(
+        f"full/passthrough throughput ratio: {report['ratio_full_to_passthrough']:.2f}; "
+        f"accounting ok: {report['accounting']['ok']}; report: {json_out}"
+    )
+    return report
+
+
+def _machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform()}
+
+
+def _plot_sweep(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["events_per_s"] for r in runs]
+    ys = [r["latency_ms"]["p99"] for r in runs]
+    ax.plot(xs, ys, "o-")
+    for r, x, y in zip(runs, xs, ys, strict=True):
+        ax.annotate(f"batch {r['batch_size']}", (x, y), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("sustained events/s")
+    ax.set_ylabel("p99 end-to-end latency (ms)")
+    ax.set_title("streamrec: throughput vs p99 by micro-batch size")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

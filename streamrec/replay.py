@@ -1,0 +1,208 @@
+"""Replay events into Kafka and collect what comes out: used by the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer, KafkaError, Producer
+
+from streamrec.kafka_config import confluent_config
+from streamrec.settings import Settings
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def make_producer(settings: Settings, **extra: Any) -> Producer:
+    conf: dict[str, Any] = {
+        **confluent_config(settings),
+        "linger.ms": 5,
+        "batch.num.messages": 10000,
+        "queue.buffering.max.messages": 1_000_000,
+        "compression.type": "lz4",
+        # The same partitioner as the Java client and aiokafka, so keys land where the
+        # worker's table changelogs expect them.
+        "partitioner": "murmur2_random",
+        **extra,
+    }
+    return Producer(conf)
+
+
+def produce_records(
+    producer: Producer,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None]],
+    rate: float | None = None,
+    on_sent: Callable[[int], None] | None = None,
+) -> int:
+    """Produce (key, value) pairs; ``rate`` caps messages per second (None = full speed)."""
+    n = 0
+    start = time.perf_counter()
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        n += 1
+        if n % 1000 == 0:
+            producer.poll(0)
+        if rate:
+            ahead = n / rate - (time.perf_counter() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+        if on_sent is not None:
+            on_sent(n)
+    producer.flush(60)
+    return n
+
+
+def event_records(
+    events: Iterable[dict[str, Any]], stamp_now: bool = True
+) -> Iterable[tuple[bytes, bytes]]:
+    """Events as (key, value) bytes; ``stamp_now`` sets ``ts`` to the send time, so the
+    end-to-end latency measured from event time is the real one."""
+    for e in events:
+        if stamp_now:
+            e = {**e, "ts": now_ms()}
+        yield e["user_id"].encode(), json.dumps(e, separators=(",", ":")).encode()
+
+
+@dataclass
+class Collected:
+    recommendations: int = 0
+    dead_letters: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    first_at: float | None = None
+    last_at: float | None = None
+    dlq_reasons: dict[str, int] = field(default_factory=dict)
+    last_slates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    coalesced: int = 0
+    model_versions: dict[str, int] = field(default_factory=dict)
+
+    def percentile(self, q: float) -> float | None:
+        if not self.latencies_ms:
+            return None
+        return float(np.percentile(np.asarray(self.latencies_ms), q))
+
+
+class OutputCollector:
+    """Consumes the recommendations and DLQ topics in a thread and records what arrives."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keep_slates: bool = False,
+        on_recommendation: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keep_slates = keep_slates
+        self.on_recommendation = on_recommendation
+        self.collected = Collected()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
+
+    def __enter__(self) -> OutputCollector:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("output collector: no partition assignment within 30 s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def snapshot(self) -> Collected:
+        with self._lock:
+            c = self.collected
+            return Collected(
+                c.recommendations,
+                c.dead_letters,
+                list(c.latencies_ms),
+                c.first_at,
+                c.last_at,
+                dict(c.dlq_reasons),
+                {},
+                c.coalesced,
+                dict(c.model_versions),
+            )
+
+    def _run(self) -> None:
+        s = self.settings
+        consumer = Consumer(
+            {
+                **confluent_config(s),
+                "group.id": f"streamrec-collector-{time.time_ns()}",
+                "auto.offset.reset": "latest",
+                "enable.auto.commit": False,
+            }
+        )
+
+        def on_assign(c: Consumer, parts: list[Any]) -> None:
+            self._ready.set()
+
+        consumer.subscribe([s.topic_recommendations, s.topic_dlq], on_assign=on_assign)
+        try:
+            while not self._stop.is_set():
+                for msg in consumer.consume(num_messages=1000, timeout=0.1):
+                    if msg.error() is not None:
+                        if msg.error().code() != KafkaError._PARTITION_EOF:
+                            raise RuntimeError(f"collector: {msg.error()}")
+                        continue
+                    self._record(msg.topic(), msg.value())
+        finally:
+            consumer.close()
+
+    def _record(self, topic: str, value: bytes) -> None:
+        t = time.time()
+        record = json.loads(value)
+        with self._lock:
+            c = self.collected
+            c.first_at = c.first_at or t
+            c.last_at = t
+            if topic == self.settings.topic_dlq:
+                c.dead_letters += 1
+                reason = record.get("error", "?")
+                c.dlq_reasons[reason] = c.dlq_reasons.get(reason, 0) + 1
+                return
+            c.recommendations += 1
+            c.latencies_ms.append(t * 1000 - record["event_ts"])
+            c.coalesced += len(record.get("coalesced_event_ids") or ())
+            mv = record.get("model_version", "?")
+            c.model_versions[mv] = c.model_versions.get(mv, 0) + 1
+            if self.keep_slates:
+                c.last_slates[record["user_id"]] = record
+        if self.on_recommendation is not None:
+            self.on_recommendation(record)
+
+
+def scrape_metrics(url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Parse a Prometheus text exposition into {'name{labels}': value} (samples only)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(url, timeout=timeout) as resp:  # noqa: S310 - local worker URL
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

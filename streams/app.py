@@ -1,0 +1,187 @@
+"""The Faust app: topics, the session table, the events agent and the worker's timers.
+
+The agent only decodes, updates the table, calls the recommender and sends; the logic lives
+in ``streams.handler`` (batch accounting) and ``serving.service`` (models, index, catalog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+from faust.streams import _current_event
+from faust.types import EventT
+
+from schemas.codec import Limits
+from serving.service import Recommender
+from serving.session import SessionState
+from streamrec.kafka_config import faust_broker_kwargs
+from streamrec.metrics import Metrics
+from streamrec.settings import Settings
+from streams.handler import EventBatchHandler, InMessage, OutMessage, SlateResult
+
+log = logging.getLogger("streamrec.worker")
+
+#: Names of the Faust tables; ``streamrec topics create`` pre-creates their changelogs.
+SESSIONS_TABLE = "sessions"
+
+
+def _use_event(event: Any) -> None:
+    """Make ``event`` the current event, so a table write goes to its partition's changelog.
+
+    Faust routes table changelog writes through the *current* event, which ``take_events``
+    does not set per event; we set it explicitly for each write of a batch.
+    """
+    _current_event.set(weakref.ref(event))
+
+
+class StreamWorker:
+    """Builds and owns the Faust app for one worker process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        recommender: Recommender | None,
+        metrics: Metrics,
+        passthrough: bool = False,
+    ) -> None:
+        """``passthrough=True`` (benchmark reference): forward each raw event to the
+        recommendations topic with no decoding, state or model, through the same Faust
+        machinery and batching."""
+        if recommender is None and not passthrough:
+            raise ValueError("StreamWorker: a recommender is required unless passthrough=True")
+        self.settings = settings
+        self.recommender = recommender
+        self.metrics = metrics
+        self.passthrough = passthrough
+        self.feeds: list[Any] = []
+        # One thread for model work: batches are processed in order, and the event loop
+        # stays free to heartbeat and fetch while torch/faiss run.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-model")
+        self.handler = EventBatchHandler(
+            limits=Limits.from_settings(settings),
+            metrics=metrics,
+            max_len=settings.session_max_len,
+            dedupe_window_ms=int(settings.dedupe_window_s * 1000),
+            knows_item=recommender.knows_item if recommender is not None else lambda _: True,
+        )
+        self.app = self._build_app()
+
+    def _build_app(self) -> faust.App:
+        s = self.settings
+        app = faust.App(
+            s.app_id,
+            **faust_broker_kwargs(s),
+            store=s.store,
+            datadir=str(s.data_dir),
+            processing_guarantee=s.processing_guarantee,
+            topic_partitions=s.topic_partitions,
+            topic_replication_factor=s.topic_replication,
+            web_enabled=False,
+            consumer_auto_offset_reset="earliest",
+            producer_max_request_size=max(1_048_576, 4 * s.max_message_bytes),
+            stream_wait_empty=False,
+            broker_commit_interval=1.0,
+        )
+        events = app.topic(s.topic_events, key_serializer="raw", value_serializer="raw")
+        self.recs_topic = app.topic(
+            s.topic_recommendations, key_serializer="raw", value_serializer="raw"
+        )
+        self.dlq_topic = app.topic(s.topic_dlq, key_serializer="raw", value_serializer="raw")
+        self.sessions = app.Table(
+            SESSIONS_TABLE,
+            default=None,
+            partitions=s.topic_partitions,
+            key_serializer="json",
+            value_serializer="json",
+        )
+
+        async def process(stream: faust.StreamT) -> None:
+            handle = self.forward_batch if self.passthrough else self.handle_batch
+            async for batch in stream.take_events(s.batch_size, within=s.batch_within_s):
+                await handle(batch)
+
+        app.agent(events, name="streamrec.events")(process)
+
+        async def refresh_gauges() -> None:
+            self.metrics.session_users.set(len(self.sessions))
+            if self.recommender is not None:
+                self.metrics.index_items.set(self.recommender.index_size)
+            self._update_lag(app)
+
+        app.timer(2.0)(refresh_gauges)
+        return app
+
+    def _update_lag(self, app: faust.App) -> None:
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic != self.settings.topic_events:
+                continue
+            highwater = consumer.highwater(tp)
+            committed = consumer._committed_offset.get(tp)  # noqa: SLF001 - no public getter
+            if highwater is None:
+                continue
+            lag = highwater - (committed or 0)
+            self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                max(0, lag)
+            )
+
+    def _get_state(self, user_id: str) -> SessionState:
+        return SessionState.from_json(self.sessions.get(user_id))
+
+    async def forward_batch(self, batch: list[EventT]) -> None:
+        self.metrics.batch_size.observe(len(batch))
+        for ev in batch:
+            await self.recs_topic.send(key=ev.message.key, value=ev.message.value)
+        self.metrics.recommendations_produced.inc(len(batch))
+
+    async def handle_batch(self, batch: list[EventT]) -> None:
+        assert self.recommender is not None
+        self.metrics.batch_size.observe(len(batch))
+        msgs = [
+            InMessage(
+                key=ev.message.key,
+                value=ev.message.value,
+                topic=ev.message.topic,
+                partition=ev.message.partition,
+                offset=ev.message.offset,
+                ref=ev,
+            )
+            for ev in batch
+        ]
+        prepared = self.handler.prepare(msgs, self._get_state)
+        await self._send_all(self.dlq_topic, prepared.dead_letters)
+        if not prepared.users:
+            return
+        histories = prepared.histories
+        loop = asyncio.get_running_loop()
+        slates: list[SlateResult] | None = None
+        error: BaseException | None = None
+        try:
+            slates = await loop.run_in_executor(
+                self.executor, self.recommender.recommend, histories
+            )
+        except Exception as exc:  # a model failure must not kill the worker
+            log.exception("stage 'recommend' failed for a batch of %d users", len(histories))
+            error = exc
+        finished = self.handler.finish(
+            prepared,
+            slates,
+            model_version=self.recommender.model_version,
+            index_version=self.recommender.index_version,
+            error=error,
+        )
+        for user_id, state, ref in finished.session_writes:
+            _use_event(ref)
+            self.sessions[user_id] = state
+        await self._send_all(self.dlq_topic, finished.dead_letters)
+        await self._send_all(self.recs_topic, finished.recommendations)
+
+    @staticmethod
+    async def _send_all(topic: faust.TopicT, messages: list[OutMessage]) -> None:
+        for m in messages:
+            await topic.send(key=m.key, value=m.value)

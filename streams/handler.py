@@ -1,0 +1,262 @@
+"""The events agent's logic for one micro-batch, free of Faust so it can be tested alone.
+
+``prepare`` decodes, validates, dedupes and updates sessions (fast, on the event loop);
+the caller runs ``Recommender.recommend`` on the prepared requests in a worker thread; then
+``finish`` turns slates into recommendation messages and the session writes to persist.
+
+Accounting, per batch: every message is exactly one of accepted / rejected (DLQ) / duplicate,
+and produced = accepted - coalesced (one slate per user per batch: the slate computed after
+the user's last event of the batch answers the earlier ones too, listed in
+``coalesced_event_ids``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.codec import DecodeError, Limits, dead_letter, decode_event, encode_recommendation
+from schemas.models import Event, Recommendation, SlateItem
+from serving.session import SessionState
+from serving.types import Step
+from streamrec.metrics import SLATE_HIT_KS, Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class InMessage:
+    """A consumed Kafka message. ``ref`` is the transport's handle (a Faust event)."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    ref: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    key: bytes | None
+    value: bytes
+
+
+@dataclass
+class UserBatch:
+    """The accepted events of one user within a batch, and the resulting state."""
+
+    user_id: str
+    events: list[Event]
+    state: SessionState
+    last_ref: Any
+
+
+@dataclass
+class Prepared:
+    users: dict[str, UserBatch] = field(default_factory=dict)
+    dead_letters: list[OutMessage] = field(default_factory=list)
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+
+    @property
+    def histories(self) -> list[tuple[str, tuple[Step, ...]]]:
+        return [(u.user_id, u.state.history) for u in self.users.values()]
+
+
+@dataclass
+class Finished:
+    recommendations: list[OutMessage]
+    session_writes: list[tuple[str, dict[str, Any], Any]]  # (user_id, state json, ref)
+    dead_letters: list[OutMessage]
+    produced: int
+    coalesced: int
+
+
+@dataclass(frozen=True)
+class SlateResult:
+    """What the recommender returns for one user (ids best first, scores aligned)."""
+
+    item_ids: Sequence[str]
+    scores: Sequence[float]
+    extra: dict[str, Any] | None = None
+
+
+class EventBatchHandler:
+    """Turns a micro-batch of raw events into DLQ records, session writes and slates."""
+
+    name = "events"
+
+    def __init__(
+        self,
+        *,
+        limits: Limits,
+        metrics: Metrics,
+        max_len: int,
+        dedupe_window_ms: int,
+        knows_item: Callable[[str], bool],
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.max_len = max_len
+        self.dedupe_window_ms = dedupe_window_ms
+        self.knows_item = knows_item
+        self.clock_ms = clock_ms
+
+    def _reject(
+        self, prepared: Prepared, msg: InMessage, code: str, detail: str, stage: str
+    ) -> None:
+        prepared.dead_letters.append(
+            OutMessage(
+                msg.key,
+                dead_letter(
+                    msg.value,
+                    msg.key,
+                    (code, detail),
+                    msg.topic,
+                    msg.partition,
+                    msg.offset,
+                    stage=stage,
+                    now_ms=self.clock_ms(),
+                ),
+            )
+        )
+        prepared.rejected += 1
+        self.metrics.events_rejected.labels(reason=code).inc()
+
+    def prepare(
+        self, batch: Sequence[InMessage], get_state: Callable[[str], SessionState]
+    ) -> Prepared:
+        """Decode, validate, dedupe and apply each message to its user's session."""
+        prepared = Prepared()
+        now_ms = self.clock_ms()
+        for msg in batch:
+            try:
+                event = decode_event(msg.value, msg.key, self.limits, now_ms)
+            except DecodeError as exc:
+                self._reject(prepared, msg, exc.code, exc.detail, "decode")
+                continue
+            if not self.knows_item(event.item_id):
+                self._reject(
+                    prepared,
+                    msg,
+                    "unknown_item",
+                    f"field 'item_id': expected an item in the catalog or the model, "
+                    f"got {event.item_id!r}; publish it to the items topic first",
+                    "validate",
+                )
+                continue
+            user = prepared.users.get(event.user_id)
+            state = user.state if user is not None else get_state(event.user_id)
+            if state.is_duplicate(event.event_id, event.ts, self.dedupe_window_ms):
+                prepared.duplicates += 1
+                self.metrics.events_duplicate.inc()
+                continue
+            self._observe_quality(state, event.item_id)
+            step = Step(event.item_id, event.type.value, event.ts)
+            state = state.apply(event.event_id, step, self.max_len)
+            if user is None:
+                user = prepared.users[event.user_id] = UserBatch(
+                    event.user_id, [], state, msg.ref
+                )
+            user.events.append(event)
+            user.state = state
+            user.last_ref = msg.ref
+            prepared.accepted += 1
+            self.metrics.events_consumed.labels(type=event.type.value).inc()
+        return prepared
+
+    def _observe_quality(self, state: SessionState, item_id: str) -> None:
+        """Online quality: was this item in the slate we last sent the user?"""
+        if not state.last_slate:
+            return
+        self.metrics.slates_evaluated.inc()
+        rank = state.slate_rank(item_id)
+        if rank is None:
+            return
+        for k in SLATE_HIT_KS:
+            if rank <= k:
+                self.metrics.slate_hits.labels(k=str(k)).inc()
+
+    def finish(
+        self,
+        prepared: Prepared,
+        slates: Sequence[SlateResult] | None,
+        *,
+        model_version: str,
+        index_version: str,
+        error: BaseException | None = None,
+    ) -> Finished:
+        """Build the outgoing messages for the users of ``prepared``.
+
+        ``slates`` is aligned with ``prepared.users``; when the recommender failed
+        (``error``), every accepted event goes to the DLQ with ``pipeline_error`` and sessions
+        are still saved, so history is not lost.
+        """
+        users = list(prepared.users.values())
+        writes: list[tuple[str, dict[str, Any], Any]] = []
+        recs: list[OutMessage] = []
+        dlq: list[OutMessage] = []
+        coalesced = 0
+        if error is not None or slates is None or len(slates) != len(users):
+            detail = (
+                f"stage 'recommend': {type(error).__name__}: {error}"
+                if error is not None
+                else f"stage 'recommend': expected {len(users)} slates, "
+                f"got {None if slates is None else len(slates)}"
+            )
+            for user in users:
+                writes.append((user.user_id, user.state.to_json(), user.last_ref))
+                for event in user.events:
+                    dlq.append(
+                        OutMessage(
+                            user.user_id.encode(),
+                            dead_letter(
+                                event.model_dump_json().encode(),
+                                user.user_id.encode(),
+                                ("pipeline_error", detail),
+                                "",
+                                -1,
+                                -1,
+                                stage="recommend",
+                                now_ms=self.clock_ms(),
+                            ),
+                        )
+                    )
+                    self.metrics.events_rejected.labels(reason="pipeline_error").inc()
+            return Finished([], writes, dlq, 0, 0)
+
+        now_ms = self.clock_ms()
+        for user, slate in zip(users, slates, strict=True):
+            state = user.state.with_slate(slate.item_ids)
+            writes.append((user.user_id, state.to_json(), user.last_ref))
+            trigger = user.events[-1]
+            others = [e.event_id for e in user.events[:-1]]
+            coalesced += len(others)
+            rec = Recommendation(
+                user_id=user.user_id,
+                trigger_event_id=trigger.event_id,
+                slate_id=uuid.uuid4().hex,
+                items=[
+                    SlateItem(item_id=item, score=float(score), rank=rank)
+                    for rank, (item, score) in enumerate(
+                        zip(slate.item_ids, slate.scores, strict=True), start=1
+                    )
+                ],
+                model_version=model_version,
+                index_version=index_version,
+                event_ts=trigger.ts,
+                generated_at=now_ms,
+                latency_ms=float(max(0, now_ms - trigger.ts)),
+                coalesced_event_ids=others or None,
+                **(slate.extra or {}),
+            )
+            recs.append(OutMessage(user.user_id.encode(), encode_recommendation(rec)))
+            self.metrics.end_to_end_latency.observe(max(0.0, (now_ms - trigger.ts) / 1000.0))
+        self.metrics.recommendations_produced.inc(len(recs))
+        if coalesced:
+            self.metrics.recommendations_coalesced.inc(coalesced)
+        return Finished(recs, writes, dlq, len(recs), coalesced)

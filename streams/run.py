@@ -1,0 +1,80 @@
+"""Process entry point of a stream worker: metrics server, model, catalog feed, Faust worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import faust
+from prometheus_client import CollectorRegistry, start_http_server
+
+from serving.service import Recommender
+from streamrec.metrics import Metrics
+from streamrec.settings import Settings
+from streams.app import StreamWorker
+from streams.feeds import CatalogFeed, ControlFeed
+
+log = logging.getLogger("streamrec.worker")
+
+
+class WorkerConfigError(RuntimeError):
+    """The worker cannot start with this configuration (message says what to change)."""
+
+
+def build_worker(
+    settings: Settings, registry: CollectorRegistry | None = None, passthrough: bool = False
+) -> StreamWorker:
+    """Everything but the event loop: metrics, model, index, catalog and control feeds."""
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics.create(registry)
+    if passthrough:
+        return StreamWorker(settings, None, metrics, passthrough=True)
+    if settings.model_dir is None:
+        raise WorkerConfigError(
+            "no model: set STREAMREC_MODEL_DIR to a directory written by `streamrec train` "
+            "(or run `streamrec demo`, which trains a small one)"
+        )
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    recommender = Recommender.load(settings, metrics)
+    worker = StreamWorker(settings, recommender, metrics)
+    worker.feeds = [
+        CatalogFeed(settings, recommender, metrics),
+        ControlFeed(settings, recommender, metrics),
+    ]
+    return worker
+
+
+def run_worker(settings: Settings, passthrough: bool = False) -> None:
+    """Run a worker until SIGINT/SIGTERM."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.makedirs(settings.data_dir, exist_ok=True)
+    registry = CollectorRegistry()
+    worker = build_worker(settings, registry, passthrough=passthrough)
+    start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+    if worker.recommender is not None:
+        log.info(
+            "metrics on http://%s:%d/metrics; model %s; %d items indexed",
+            settings.metrics_host,
+            settings.metrics_port,
+            worker.recommender.model_version,
+            worker.recommender.index_size,
+        )
+    for feed in worker.feeds:
+        feed.start()
+    try:
+        faust.Worker(
+            worker.app,
+            loglevel=settings.log_level,
+            quiet=True,
+            redirect_stdouts=False,
+        ).execute_from_commandline()
+    finally:
+        for feed in worker.feeds:
+            feed.stop()
+        worker.executor.shutdown(wait=False)
