@@ -83,6 +83,7 @@ RFC3339_PATTERN = (
 _RFC3339 = re.compile(RFC3339_PATTERN)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+_NOT_RFC3339 = "not an RFC 3339 timestamp"
 TS_EXPECTED = "expected epoch milliseconds or an RFC 3339 timestamp with timezone"
 
 
@@ -94,7 +95,7 @@ def rfc3339_to_ms(text: str) -> int:
     m = _RFC3339.match(text) if len(text) <= MAX_TS_TEXT_LEN else None
     if m is None:
         naive = len(text) <= MAX_TS_TEXT_LEN and _RFC3339.match(text + "Z") is not None
-        raise ValueError("timestamp has no timezone" if naive else "not an RFC 3339 timestamp")
+        raise ValueError("timestamp has no timezone" if naive else _NOT_RFC3339)
     year, month, day, hour, minute, second, frac, offset = m.groups()
     if offset in ("Z", "z"):
         tz = UTC
@@ -134,10 +135,10 @@ def _ts_value(value: Any, info: ValidationInfo) -> int:
         try:
             ms = rfc3339_to_ms(value)
         except ValueError as exc:
+            reason = str(exc)
+            template = TS_EXPECTED if reason == _NOT_RFC3339 else TS_EXPECTED + " ({reason})"
             raise PydanticCustomError(
-                ErrorCode.INVALID_VALUE,
-                "{expected} ({reason})",
-                {"expected": TS_EXPECTED, "reason": str(exc)},
+                ErrorCode.INVALID_VALUE, template, {"reason": reason}
             ) from exc
     else:
         raise PydanticCustomError(ErrorCode.WRONG_TYPE, TS_EXPECTED)
@@ -148,8 +149,8 @@ def _ts_value(value: Any, info: ValidationInfo) -> int:
     if not lo <= ms <= hi:
         raise PydanticCustomError(
             ErrorCode.TIMESTAMP_OUT_OF_RANGE,
-            "expected a time between {lo} and {hi} ({ms} ms)",
-            {"lo": ms_to_rfc3339(lo), "hi": ms_to_rfc3339(hi), "ms": ms},
+            "expected a time between {lo} and {hi}",
+            {"lo": ms_to_rfc3339(lo), "hi": ms_to_rfc3339(hi)},
         )
     return ms
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from serving.data import ItemVocab, sequence_features
@@ -171,7 +171,7 @@ def load_model(directory: Path | str, device: str | torch.device | None = None) 
         raise ArtifactError(f"{STAGE}: expected {WEIGHTS} in {path}, found no such file")
     try:
         state = load_file(str(weights))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{STAGE}: expected readable safetensors in {weights}: {exc}") from exc
     model = SequenceEncoder(cfg)
     try:

@@ -144,7 +144,7 @@ class ItemIndex:
         _gpu_to_device: Any = None,
     ) -> None:
         """dim: vector width D. approx_threshold: live items at which IVF takes over.
-        nlist: IVF lists (default ``4 * sqrt(n)`` clamped to [64, 8192]). nprobe: lists probed.
+        nlist: IVF lists (default ``2 * sqrt(n)`` clamped to [64, 8192]). nprobe: lists probed.
         background: build the IVF index in a thread (False: synchronously, for tests/bench).
         rebuild_growth: rebuild the IVF index when live items grew by this factor since the
         last build (its lists were trained on a smaller catalogue). use_gpu: None = auto.
@@ -218,9 +218,11 @@ class ItemIndex:
         row = self._row_of.get(item_id, -1)
         return row if row >= 0 and self._live[row] else -1
 
-    def rows_of(self, ids: Sequence[str]) -> np.ndarray:
-        """(n,) int64 rows of ``ids``, -1 for unknown or removed items."""
+    def rows_of(self, ids: Sequence[str], *, live_only: bool = True) -> np.ndarray:
+        """(n,) int64 rows of ``ids``, -1 for unknown items (and removed ones if live_only)."""
         rows = np.fromiter((self._row_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        if not live_only:
+            return rows
         live = self._live
         known = rows >= 0
         rows[known & ~live[np.where(known, rows, 0)]] = -1
@@ -304,7 +306,8 @@ class ItemIndex:
             self._n_live += int((~self._live[rows]).sum())
             self._live[rows] = True
             if self._ivf is not None:
-                self._ivf.remove_ids(rows)
+                if len(old_pos):
+                    _ivf_remove(self._ivf, rows[old_pos])
                 self._ivf.add_with_ids(x, rows)
             if self._gpu is not None:
                 self._gpu.on_write(rows)
@@ -326,7 +329,7 @@ class ItemIndex:
             # Zeroed so a stale reader that skipped the bitmap still cannot rank them high.
             self._xb_view()[rows] = 0.0
             if self._ivf is not None:
-                self._ivf.remove_ids(rows)
+                _ivf_remove(self._ivf, rows)
                 if self._n_live < self.approx_threshold // 2:
                     self._ivf = None
             if self._gpu is not None:
@@ -395,7 +398,7 @@ class ItemIndex:
                 self._touched = None
                 if ivf is not None and touched:
                     t = np.fromiter(touched, dtype=np.int64)
-                    ivf.remove_ids(t)
+                    _ivf_remove(ivf, t)
                     t = t[self._live[t]]
                     if len(t):
                         ivf.add_with_ids(self._xb_view()[t], t)
@@ -410,11 +413,13 @@ class ItemIndex:
 
     def _train_ivf(self, vectors: np.ndarray) -> Any:
         n = len(vectors)
-        nlist = self.nlist or int(np.clip(4 * np.sqrt(n), 64, 8192))
+        nlist = self.nlist or int(np.clip(2 * np.sqrt(n), 64, 8192))
         nlist = max(1, min(nlist, n // 39))
         quantizer = faiss.IndexFlatIP(self.dim)
         ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        ivf.cp.max_points_per_centroid = 64  # kmeans on <= 64 * nlist points: seconds, not minutes
+        # kmeans on <= 64 * nlist points, 10 rounds: tens of seconds at 1M items, not minutes.
+        ivf.cp.max_points_per_centroid = 64
+        ivf.cp.niter = 10
         ivf.train(vectors)
         ivf.set_direct_map_type(_faiss.DirectMap.Hashtable)
         ivf.nprobe = min(self.nprobe, nlist)
@@ -463,6 +468,13 @@ class ItemIndex:
             cache = (self._generation, packed)
             self._bitmap_cache = cache
         return faiss.swig_ptr(cache[1])
+
+
+def _ivf_remove(ivf: Any, rows: np.ndarray) -> None:
+    # An IDSelectorArray takes the direct-map hashtable path (O(len(rows))); the IDSelectorBatch
+    # that ``remove_ids(array)`` builds scans every inverted list instead.
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    ivf.remove_ids(_faiss.IDSelectorArray(len(rows), faiss.swig_ptr(rows)))
 
 
 def _to_gpu(index: Any) -> Any:

@@ -222,10 +222,20 @@ def port_free(port: int, host: str = HOST) -> bool:
 
 def free_port(host: str = HOST) -> int:
     """A port the OS says is free right now (for tests and ad-hoc brokers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = HOST) -> list[int]:
+    """``count`` distinct free ports: all sockets stay bound until every port is chosen,
+    so the OS cannot hand out the same port twice."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _tcp_open(port: int, host: str = HOST) -> bool:
@@ -366,7 +376,8 @@ class LocalKafka:
         """Start the broker (or find it running) and wait until it answers metadata requests."""
         pid = self.pid()
         if pid is not None:
-            self._wait_ready(pid, timeout_s)
+            # Already running, perhaps started with other ports than this object's.
+            self._wait_ready(pid, timeout_s, self._started_port() or self.port)
             return self.status()
         java = check_java()
         self.fetch()
@@ -408,7 +419,7 @@ class LocalKafka:
         _CHILDREN[proc.pid] = proc
         self.pid_file.write_text(f"{proc.pid}\n")
         try:
-            self._wait_ready(proc.pid, timeout_s)
+            self._wait_ready(proc.pid, timeout_s, self.port)
         except LocalKafkaError:
             self._terminate(proc.pid, timeout_s=10.0)
             raise
@@ -485,21 +496,22 @@ class LocalKafka:
                 f"StorageTool said:\n{tail}"
             )
 
-    def _wait_ready(self, pid: int, timeout_s: float) -> None:
+    def _wait_ready(self, pid: int, timeout_s: float, port: int) -> None:
+        bootstrap = f"{HOST}:{port}"
         deadline = time.monotonic() + timeout_s
         while True:
             if not _pid_alive(pid):
                 self.pid_file.unlink(missing_ok=True)
                 raise LocalKafkaError(
                     f"local kafka: the broker (pid {pid}) exited during startup; expected it to "
-                    f"answer on {self.bootstrap}. Last lines of its log:\n{self.log_tail(30)}"
+                    f"answer on {bootstrap}. Last lines of its log:\n{self.log_tail(30)}"
                 )
             # A TCP probe first: librdkafka logs every refused connection, the probe is quiet.
-            if _tcp_open(self.port) and self._count_topics(timeout_s=2.0) is not None:
+            if _tcp_open(port) and self._count_topics(timeout_s=2.0, port=port) is not None:
                 return
             if time.monotonic() > deadline:
                 raise LocalKafkaError(
-                    f"local kafka: the broker (pid {pid}) did not answer on {self.bootstrap} "
+                    f"local kafka: the broker (pid {pid}) did not answer on {bootstrap} "
                     f"within {timeout_s:.0f} s. Last lines of its log:\n{self.log_tail(30)}"
                 )
             time.sleep(0.2)

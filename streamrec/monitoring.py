@@ -58,7 +58,9 @@ _VARIABLE = re.compile(
 _SCALAR = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _SET_OPERATORS = ("unless", "and", "or")
 _COMPARISONS = ("==", "!=", ">=", "<=", ">", "<")
-_MODIFIER = re.compile(r"^(bool\b\s*)?((on|ignoring)\s*\([^)]*\)\s*)?((group_left|group_right)\b\s*(\([^)]*\))?\s*)?")
+_MODIFIER = re.compile(
+    r"^(bool\b\s*)?((on|ignoring)\s*\([^)]*\)\s*)?((group_left|group_right)\b\s*(\([^)]*\))?\s*)?"
+)
 
 
 class MonitoringError(RuntimeError):
@@ -272,9 +274,13 @@ def extract_queries(
                 expr = str(rule["expr"]).strip()
                 if "alert" in rule:
                     probes = condition_probes(expr)
-                    queries.append(Query(f"rules:{path.name}", rule["alert"], expr, "alert", probes))
+                    queries.append(
+                        Query(f"rules:{path.name}", rule["alert"], expr, "alert", probes)
+                    )
                 else:
-                    queries.append(Query(f"rules:{path.name}", rule["record"], expr, "record", (expr,)))
+                    queries.append(
+                        Query(f"rules:{path.name}", rule["record"], expr, "record", (expr,))
+                    )
     return queries
 
 
@@ -307,7 +313,9 @@ def _load_rules(path: Path) -> list[dict[str, Any]]:
 
 def find_binary(name: str) -> str:
     """Path of ``prometheus`` / ``promtool``: on PATH, else Debian's /usr/bin."""
-    found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+    found = shutil.which(name) or (
+        f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None
+    )
     if found is None:
         raise MonitoringError(f"{name}: binary not found on PATH or in /usr/bin; {INSTALL_HINT}")
     return found
@@ -518,9 +526,11 @@ def check_queries(prom_url: str, queries: Iterable[Query]) -> list[QueryResult]:
     for q in queries:
         try:
             whole = _series_count(query(prom_url, q.expr))
-            counts = [whole] if q.probes == (q.expr,) else [
-                _series_count(query(prom_url, p)) for p in q.probes
-            ]
+            counts = (
+                [whole]
+                if q.probes == (q.expr,)
+                else [_series_count(query(prom_url, p)) for p in q.probes]
+            )
         except MonitoringError as exc:
             results.append(QueryResult(q, False, 0, error=str(exc)))
             continue

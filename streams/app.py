@@ -86,6 +86,10 @@ class StreamWorker:
             producer_max_request_size=max(1_048_576, 4 * s.max_message_bytes),
             stream_wait_empty=False,
             broker_commit_interval=1.0,
+            # Table keys (user ids) and values (session dicts) go through JSON, so both come
+            # back as the same str/dict after changelog recovery; topics set raw explicitly.
+            key_serializer="json",
+            value_serializer="json",
         )
         events = app.topic(s.topic_events, key_serializer="raw", value_serializer="raw")
         self.recs_topic = app.topic(
@@ -96,8 +100,6 @@ class StreamWorker:
             SESSIONS_TABLE,
             default=None,
             partitions=s.topic_partitions,
-            key_serializer="json",
-            value_serializer="json",
         )
 
         async def process(stream: faust.StreamT) -> None:

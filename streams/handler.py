@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from schemas.codec import DecodeError, Limits, dead_letter, decode_event, encode_recommendation
 from schemas.models import Event, Recommendation, SlateItem
@@ -75,13 +75,14 @@ class Finished:
     coalesced: int
 
 
-@dataclass(frozen=True)
-class SlateResult:
+class SlateResult(Protocol):
     """What the recommender returns for one user (ids best first, scores aligned)."""
 
-    item_ids: Sequence[str]
-    scores: Sequence[float]
-    extra: dict[str, Any] | None = None
+    @property
+    def item_ids(self) -> Sequence[str]: ...
+
+    @property
+    def scores(self) -> Sequence[float]: ...
 
 
 class EventBatchHandler:
@@ -252,7 +253,6 @@ class EventBatchHandler:
                 generated_at=now_ms,
                 latency_ms=float(max(0, now_ms - trigger.ts)),
                 coalesced_event_ids=others or None,
-                **(slate.extra or {}),
             )
             recs.append(OutMessage(user.user_id.encode(), encode_recommendation(rec)))
             self.metrics.end_to_end_latency.observe(max(0.0, (now_ms - trigger.ts) / 1000.0))

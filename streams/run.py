@@ -6,7 +6,7 @@ import logging
 import os
 
 import faust
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 from serving.service import Recommender
 from streamrec.metrics import Metrics
@@ -54,6 +54,8 @@ def run_worker(settings: Settings, passthrough: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.makedirs(settings.data_dir, exist_ok=True)
+    # ``*_created`` series double the exposition and no dashboard uses them.
+    disable_created_metrics()
     registry = CollectorRegistry()
     worker = build_worker(settings, registry, passthrough=passthrough)
     start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from streamrec.kafka_local import REPO_ROOT, LocalKafka, free_port
-from streamrec.settings import Settings
+from streamrec.kafka_local import REPO_ROOT, LocalKafka, free_ports
+from streamrec.settings import Settings, load_settings
 
 HERE = Path(__file__).resolve().parent
 JARS_DIR = REPO_ROOT / ".cache" / "kafka-jars"
@@ -33,10 +33,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     """The session's broker (LocalKafka handle); most tests want ``kafka_bootstrap``."""
+    port, controller_port = free_ports(2)
     broker = LocalKafka(
         tmp_path_factory.mktemp("kafka"),
-        port=free_port(),
-        controller_port=free_port(),
+        port=port,
+        controller_port=controller_port,
         jars_dir=JARS_DIR,
         heap="512m",
     )
@@ -62,9 +63,7 @@ def unique(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_settings(
-    kafka_bootstrap: str, unique: str, tmp_path: Path
-) -> Callable[..., Settings]:
+def make_settings(kafka_bootstrap: str, unique: str, tmp_path: Path) -> Callable[..., Settings]:
     """Factory: ``Settings`` on the test broker with this test's own topics and app id."""
 
     def make(**overrides: object) -> Settings:
@@ -81,6 +80,6 @@ def make_settings(
             "store": "memory://",
         }
         values.update(overrides)
-        return Settings(**values)  # type: ignore[arg-type]
+        return load_settings(**values)
 
     return make

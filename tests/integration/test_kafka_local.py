@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from streamrec.cli import app
 from streamrec.kafka_config import confluent_config
-from streamrec.kafka_local import REPO_ROOT, LocalKafka, LocalKafkaError, free_port
+from streamrec.kafka_local import REPO_ROOT, LocalKafka, LocalKafkaError, free_port, free_ports
 from streamrec.settings import Settings
 from streamrec.topics import TopicError, TopicSpec, design_topics, ensure_topics, list_topics
 
@@ -42,9 +42,13 @@ def test_produce_and_consume_1000_keyed_messages(make_settings: Callable[..., Se
         for _ in range(200):
             for msg in consumer.consume(num_messages=500, timeout=0.5):
                 assert msg.error() is None, msg.error()
-                key, value = msg.key().decode(), msg.value().decode()
-                received.add((key, value))
-                partitions_of_key.setdefault(key, set()).add(msg.partition())
+                raw_key, raw_value, partition = msg.key(), msg.value(), msg.partition()
+                assert raw_key is not None
+                assert raw_value is not None
+                assert partition is not None
+                key = raw_key.decode()
+                received.add((key, raw_value.decode()))
+                partitions_of_key.setdefault(key, set()).add(partition)
             if len(received) >= len(sent):
                 break
     finally:
@@ -118,7 +122,7 @@ def test_auto_create_is_off(make_settings: Callable[..., Settings], unique: str)
 
 
 def test_cli_start_status_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    port, cport = free_port(), free_port()
+    port, cport = free_ports(2)
     base = tmp_path / "cli-kafka"
     monkeypatch.setenv("STREAMREC_LOCAL_KAFKA_DIR", str(base))
     monkeypatch.setenv("STREAMREC_JARS_DIR", str(REPO_ROOT / ".cache" / "kafka-jars"))
@@ -135,8 +139,8 @@ def test_cli_start_status_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         pid = LocalKafka(base).pid()
         assert pid is not None
 
-        # A second start finds the same broker instead of starting another.
-        result = runner.invoke(app, start)
+        # A second start, even without the ports, finds the same broker instead of another.
+        result = runner.invoke(app, ["kafka", "start", "--timeout", "10"])
         assert result.exit_code == 0, result.output
         assert LocalKafka(base).pid() == pid
 

@@ -1,0 +1,184 @@
+"""Train our encoder and a same-run SASRec peer on one dataset; full-ranking metrics + speed.
+
+    python -m bench.encoder.run --dataset beauty --json reports/encoder-beauty.json
+
+Both models see the identical leave-one-out split and are scored by the identical evaluator
+(``serving.evaluate``: full ranking, history not excluded). Writes JSON with both metric
+sets, ratios ours/peer, hyperparameters, wall times and encode throughput.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+import typer
+from rich.console import Console
+
+from bench.encoder.sasrec import SASRec, SASRecConfig, bce_one_negative
+from bench.encoder.speed import measure
+from serving.artifacts import load_model, save_model
+from serving.data import EncodedLog, ItemVocab, leave_one_out, load_interactions
+from serving.encoder import EncoderConfig
+from serving.evaluate import EvalReport, evaluate_split, print_reports, write_json
+from serving.train import TrainConfig, fit, resolve_device, seed_everything, train_encoder
+
+DATASETS: dict[str, tuple[str, str]] = {
+    "beauty": ("s3rec/Beauty.txt.gz", "s3rec"),
+    "yelp": ("s3rec/Yelp.txt.gz", "s3rec"),
+    "lastfm": ("s3rec/LastFM.txt.gz", "s3rec"),
+    "ml-100k": ("ml-100k/u.data.gz", "ml-100k"),
+}
+DEFAULT_ROOT = Path(os.environ.get("STREAMREC_DATA", "/work/shared/data"))
+
+console = Console()
+
+
+def main(
+    dataset: Annotated[str, typer.Option(help=f"one of {sorted(DATASETS)}")] = "beauty",
+    json_out: Annotated[Path, typer.Option("--json", help="report path")] = Path(
+        "reports/encoder.json"
+    ),
+    data_root: Annotated[Path, typer.Option(help="shared data folder")] = DEFAULT_ROOT,
+    epochs: int = 200,
+    peer_epochs: int = 200,
+    patience: int = 5,
+    eval_every: int = 2,
+    dim: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    ffn_mult: int = 2,
+    dropout: float = 0.5,
+    attn_dropout: float = 0.2,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    max_len: int = 50,
+    seed: int = 42,
+    threads: int = 2,
+    device: str = "auto",
+    model_out: Annotated[Path | None, typer.Option(help="also keep our artifact here")] = None,
+    skip_peer: bool = False,
+    progress: bool = True,
+) -> None:
+    if dataset not in DATASETS:
+        raise typer.BadParameter(f"bench: expected --dataset in {sorted(DATASETS)}, got {dataset!r}")
+    torch.set_num_threads(threads)
+    rel, fmt = DATASETS[dataset]
+    t0 = time.perf_counter()
+    data = load_interactions(data_root / rel, fmt)
+    split = leave_one_out(data)
+    console.print(
+        f"{dataset}: {len(data.users)} users, {len(data.item_ids())} items, "
+        f"{data.num_interactions} interactions, timestamps={data.has_time}"
+    )
+    model_cfg = EncoderConfig(
+        num_items=len(data.item_ids()),
+        dim=dim,
+        layers=layers,
+        heads=heads,
+        ffn_mult=ffn_mult,
+        max_len=max_len,
+        dropout=dropout,
+        attn_dropout=attn_dropout,
+        use_time=data.has_time,
+    )
+    train_cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        patience=patience,
+        eval_every=eval_every,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
+    ours, vocab, log_ = train_encoder(split, model_cfg, train_cfg)
+    reports: dict[str, EvalReport] = {
+        "ours": evaluate_split(ours.model, split, log_, "test", max_len=max_len),
+        "ours (history excluded)": evaluate_split(
+            ours.model, split, log_, "test", max_len=max_len, exclude_history=True
+        ),
+    }
+    payload: dict[str, object] = {
+        "dataset": dataset,
+        "data": str(data_root / rel),
+        "users": len(data.users),
+        "items": len(vocab),
+        "interactions": data.num_interactions,
+        "protocol": "leave-one-out, full ranking over all items, history not excluded",
+        "ours": {
+            "test": reports["ours"].to_json(),
+            "test_history_excluded": reports["ours (history excluded)"].to_json(),
+            "valid": ours.best_valid.to_json() if ours.best_valid else None,
+            "model": model_cfg.to_dict(),
+            "train": train_cfg.to_dict(),
+            "best_epoch": ours.best_epoch,
+            "epochs_run": ours.epochs_run,
+            "train_seconds": ours.seconds,
+        },
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = model_out or Path(tmp) / "model"
+        save_model(
+            ours.model,
+            out_dir,
+            vocab.ids,
+            dataset=dataset,
+            metrics=reports["ours"].metrics,
+            train=train_cfg.to_dict(),
+        )
+        loaded = load_model(out_dir, device=device)
+        payload["speed"] = measure(loaded, batch=256, length=max_len)
+
+    if not skip_peer:
+        peer_cfg = SASRecConfig(num_items=len(vocab), max_len=max_len)
+        peer_train = replace(train_cfg, epochs=peer_epochs, batch_size=128)
+        seed_everything(seed)
+        peer = SASRec(peer_cfg).to(resolve_device(device))
+        opt = torch.optim.Adam(peer.parameters(), lr=1e-3, betas=(0.9, 0.98))
+        started = time.perf_counter()
+        best_epoch, best_valid, epochs_run, _ = fit(
+            peer,
+            bce_one_negative,
+            split,
+            EncodedLog(data, ItemVocab(vocab.ids)),
+            peer_train,
+            max_len=max_len,
+            optimizer=opt,
+            desc="sasrec",
+        )
+        peer_seconds = round(time.perf_counter() - started, 1)
+        reports["SASRec (peer)"] = evaluate_split(peer, split, log_, "test", max_len=max_len)
+        peer_metrics = reports["SASRec (peer)"].metrics
+        payload["peer"] = {
+            "name": "SASRec (Kang & McAuley 2018), BCE + 1 negative",
+            "test": reports["SASRec (peer)"].to_json(),
+            "valid": best_valid.to_json() if best_valid else None,
+            "model": peer_cfg.to_dict(),
+            "train": peer_train.to_dict() | {"optimizer": "Adam(0.9, 0.98)"},
+            "best_epoch": best_epoch,
+            "epochs_run": epochs_run,
+            "train_seconds": peer_seconds,
+        }
+        payload["ratio_ours_over_peer"] = {
+            k: round(v / peer_metrics[k], 3) if peer_metrics[k] > 0 else None
+            for k, v in reports["ours"].metrics.items()
+        }
+    payload["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    print_reports(reports, console)
+    console.print(payload.get("ratio_ours_over_peer", {}), payload["speed"])
+    write_json(payload, json_out)
+    console.print(f"wrote {json_out}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

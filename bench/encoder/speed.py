@@ -1,0 +1,72 @@
+"""Encode throughput of a :class:`serving.artifacts.LoadedEncoder`, in user sequences per second.
+
+Three paths, all at the given batch size and sequence length, under ``inference_mode``:
+``tensor_last`` (the serving forward: last position only in the final block), ``tensor_full``
+(every position, the training-time forward) and ``encode`` (``LoadedEncoder.encode`` from
+``Step`` histories, i.e. id lookup + features + collate + forward + numpy).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from serving.artifacts import LoadedEncoder
+from serving.encoder import Batch
+from serving.types import Step
+
+
+def _rate(fn: Callable[[], object], batch: int, min_seconds: float, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    n, started = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds and n >= 3:
+            return n * batch / elapsed
+
+
+def measure(
+    enc: LoadedEncoder, batch: int = 256, length: int = 50, min_seconds: float = 3.0, seed: int = 0
+) -> dict[str, float]:
+    """Sequences/s for each path (see module docstring)."""
+    rng = np.random.default_rng(seed)
+    n_items = len(enc.item_ids())
+    items = torch.from_numpy(rng.integers(1, n_items + 1, (batch, length)))
+    types = torch.full((batch, length), 1, dtype=torch.int64)
+    gaps = torch.from_numpy(rng.integers(1, 20, (batch, length)))
+    tensors = Batch(items, types, gaps).to(enc.device)
+    ids = enc.item_ids()
+    histories = [
+        [Step(ids[int(i) - 1], "view", 1_700_000_000_000 + 60_000 * t) for t, i in enumerate(row)]
+        for row in items.tolist()
+    ]
+    model = enc.model
+
+    def sync() -> None:
+        if enc.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def last() -> None:
+        model.user_vectors(tensors)
+        sync()
+
+    @torch.inference_mode()
+    def full() -> None:
+        model.hidden(tensors)[:, -1]
+        sync()
+
+    return {
+        "batch": float(batch),
+        "length": float(length),
+        "tensor_last_seq_per_s": round(_rate(last, batch, min_seconds), 1),
+        "tensor_full_seq_per_s": round(_rate(full, batch, min_seconds), 1),
+        "encode_seq_per_s": round(_rate(lambda: enc.encode(histories), batch, min_seconds), 1),
+        "threads": float(torch.get_num_threads()),
+    }

@@ -1,0 +1,410 @@
+"""The transport-free recommendation pipeline: encode -> retrieve -> filter -> rerank -> order.
+
+Each stage is a small class with a stable ``name`` (log text, the ``stage`` metric label, error
+text) that maps one frozen dataclass to the next. Everything works on whole batches: one
+encoder call, one index search, vectorised filtering and ordering over ``(B, C)`` arrays.
+
+Decisions:
+- Filter: items the user purchased (any history step of type ``purchase``) never appear; nor do
+  unavailable or retired items (catalog) or removed ones (index). Items merely seen stay
+  allowed (repeat views and re-purchase intent are common), except the item of the triggering
+  event (the last step), which the user is looking at right now. ``filter_seen=True`` drops
+  every history item.
+- Cold users (no history step on an item the index knows): the encoder is not called for them;
+  they get ``fallback_vector`` as their user vector, by default the mean item vector of the
+  index at construction (``popularity_vector`` builds a popularity-weighted one).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from serving.catalog import Catalog, CatalogRows
+from serving.index import ItemIndex
+from serving.ordering import mmr
+from serving.types import Step, UserEncoder
+
+StageCallback = Callable[[str, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SlateRequest:
+    """A user to recommend for; ``history`` is oldest first, its last step the trigger."""
+
+    user_id: str
+    history: Sequence[Step]
+
+
+@dataclass(frozen=True, slots=True)
+class Slate:
+    """The ordered recommendation for one user; ``scores`` are the rerank scores."""
+
+    user_id: str
+    item_ids: list[str]
+    scores: list[float]
+    model_version: str = ""
+    index_version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    requests: tuple[SlateRequest, ...]
+    user_vectors: np.ndarray  # (B, D) float32
+    cold: np.ndarray  # (B,) bool: got the fallback vector
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    requests: tuple[SlateRequest, ...]
+    rows: np.ndarray  # (B, C) int64 index rows, -1 = no candidate (valid ones first)
+    retrieval_scores: np.ndarray  # (B, C) float32 user . item, -inf where rows == -1
+    scores: np.ndarray  # (B, C) float32 current ranking score, -inf where rows == -1
+    row_ids: np.ndarray  # (R,) object item id by row (index snapshot)
+    index_version: str
+
+    @property
+    def valid(self) -> np.ndarray:  # (B, C) bool
+        return self.rows >= 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ordered:
+    candidates: Candidates
+    positions: np.ndarray  # (B, S) int64 positions into the candidate axis, -1 padding
+
+
+class Reranker(Protocol):
+    """Scores a candidate set per user; higher is better."""
+
+    def score(self, requests: Sequence[SlateRequest], candidates: Candidates) -> np.ndarray:
+        """Returns (B, C) float scores; values at invalid candidates are ignored."""
+        ...
+
+
+class RetrievalScoreReranker:
+    """Pass-through: keeps the retrieval inner product as the ranking score."""
+
+    def score(self, requests: Sequence[SlateRequest], candidates: Candidates) -> np.ndarray:
+        return candidates.retrieval_scores
+
+
+def popularity_vector(vectors: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Popularity-weighted mean item vector. vectors: (N, D); counts: (N,) >= 0. Returns (D,)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.shape != (len(vectors),) or (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(
+            f"popularity: expected {len(vectors)} non-negative counts with a positive sum, "
+            f"got shape {counts.shape}"
+        )
+    return (counts @ np.asarray(vectors, dtype=np.float64) / counts.sum()).astype(np.float32)
+
+
+class EncodeStage:
+    name: ClassVar[str] = "encode"
+
+    def __init__(self, encoder: UserEncoder, index: ItemIndex, fallback: np.ndarray) -> None:
+        self.encoder, self.index, self.fallback = encoder, index, fallback
+
+    def __call__(self, requests: tuple[SlateRequest, ...]) -> Encoded:
+        cold = np.array(
+            [not any(self.index.contains(s.item) for s in r.history) for r in requests], dtype=bool
+        )
+        out = np.empty((len(requests), self.index.dim), dtype=np.float32)
+        out[cold] = self.fallback
+        warm = np.flatnonzero(~cold)
+        if len(warm):
+            vecs = np.asarray(self.encoder.encode([requests[i].history for i in warm]))
+            if vecs.shape != (len(warm), self.index.dim):
+                raise ValueError(
+                    f"{self.name}: expected user vectors ({len(warm)}, {self.index.dim}) from "
+                    f"encoder {self.encoder.version}, got {vecs.shape}"
+                )
+            out[warm] = vecs
+        return Encoded(requests, out, cold)
+
+
+class RetrieveStage:
+    name: ClassVar[str] = "retrieve"
+
+    def __init__(self, index: ItemIndex, candidates: int) -> None:
+        self.index, self.candidates = index, candidates
+
+    def __call__(self, encoded: Encoded) -> Candidates:
+        res = self.index.search(encoded.user_vectors, self.candidates)
+        return Candidates(
+            encoded.requests, res.rows, res.scores, res.scores, res.row_ids, res.index_version
+        )
+
+
+class FilterStage:
+    name: ClassVar[str] = "filter"
+
+    def __init__(
+        self,
+        index: ItemIndex,
+        rows: CatalogRows | None,
+        *,
+        filter_seen: bool = False,
+        exclude_trigger: bool = True,
+    ) -> None:
+        self.index, self.catalog_rows = index, rows
+        self.filter_seen, self.exclude_trigger = filter_seen, exclude_trigger
+
+    def excluded_items(self, request: SlateRequest) -> list[str]:
+        """Item ids this user must not be shown (see module doc)."""
+        h = request.history
+        if self.filter_seen:
+            return [s.item for s in h]
+        out = [s.item for s in h if s.type == "purchase"]
+        if self.exclude_trigger and h:
+            out.append(h[-1].item)
+        return out
+
+    def __call__(self, cands: Candidates) -> Candidates:
+        rows = cands.rows
+        b = len(rows)
+        per_user = [self.excluded_items(r) for r in cands.requests]
+        owner = np.repeat(np.arange(b, dtype=np.int64), [len(x) for x in per_user])
+        ex_rows = self.index.rows_of([i for x in per_user for i in x], live_only=False)
+        # One isin over (user, row) keys instead of a Python loop over B users.
+        span = max(self.index.n_rows, int(rows.max(initial=0)) + 1, 1)
+        ex_keys = owner * span + ex_rows
+        ex_keys = ex_keys[ex_rows >= 0]
+        keys = np.arange(b, dtype=np.int64)[:, None] * span + rows
+        drop = (rows < 0) | np.isin(keys, ex_keys)
+        if self.catalog_rows is not None:
+            drop |= self.catalog_rows.refresh().blocked_of(rows)
+        order = np.argsort(drop, axis=1, kind="stable")
+        drop = np.take_along_axis(drop, order, axis=1)
+
+        def take(x: np.ndarray, fill: float) -> np.ndarray:
+            return np.where(drop, fill, np.take_along_axis(x, order, axis=1))
+
+        return replace(
+            cands,
+            rows=take(rows, -1).astype(np.int64),
+            retrieval_scores=take(cands.retrieval_scores, -np.inf).astype(np.float32),
+            scores=take(cands.scores, -np.inf).astype(np.float32),
+        )
+
+
+class RerankStage:
+    name: ClassVar[str] = "rerank"
+
+    def __init__(self, reranker: Reranker) -> None:
+        self.reranker = reranker
+
+    def __call__(self, cands: Candidates) -> Candidates:
+        scores = np.asarray(self.reranker.score(cands.requests, cands), dtype=np.float32)
+        if scores.shape != cands.rows.shape:
+            raise ValueError(
+                f"{self.name}: expected scores {cands.rows.shape} from "
+                f"{type(self.reranker).__name__}, got {scores.shape}"
+            )
+        valid = cands.valid
+        if not np.isfinite(scores[valid]).all():
+            raise ValueError(
+                f"{self.name}: {type(self.reranker).__name__} returned NaN or infinite scores "
+                "for valid candidates"
+            )
+        return replace(cands, scores=np.where(valid, scores, -np.inf).astype(np.float32))
+
+
+class OrderStage:
+    name: ClassVar[str] = "order"
+
+    def __init__(
+        self,
+        index: ItemIndex,
+        rows: CatalogRows | None,
+        *,
+        slate_size: int,
+        diversity: float,
+        category_weight: float = 0.5,
+    ) -> None:
+        self.index, self.catalog_rows = index, rows
+        self.slate_size, self.diversity, self.category_weight = (
+            slate_size,
+            diversity,
+            category_weight,
+        )
+
+    def __call__(self, cands: Candidates) -> Ordered:
+        if self.diversity == 0.0:
+            # Pure relevance: a stable sort gives the same answer as MMR without the vectors.
+            order = np.argsort(-cands.scores, axis=1, kind="stable")[:, : self.slate_size]
+            pos = np.where(np.take_along_axis(cands.valid, order, axis=1), order, -1)
+            return Ordered(cands, pos.astype(np.int64))
+        rows, rel = cands.rows, cands.scores
+        vectors = self.index.vectors_of_rows(rows)
+        cats = self.catalog_rows.categories_of(rows) if self.catalog_rows is not None else None
+        picks = mmr(
+            rel,
+            vectors,
+            self.slate_size,
+            self.diversity,
+            categories=cats,
+            category_weight=self.category_weight,
+        )
+        return Ordered(cands, picks)
+
+
+class PipelineSettings(Protocol):
+    """The settings fields the pipeline reads (``streamrec.settings.Settings`` has them)."""
+
+    @property
+    def candidates(self) -> int: ...
+    @property
+    def slate_size(self) -> int: ...
+    @property
+    def diversity(self) -> float: ...
+    @property
+    def filter_seen(self) -> bool: ...
+
+
+class Pipeline:
+    """encode -> retrieve -> filter -> rerank -> order over a batch of requests."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("encode", "retrieve", "filter", "rerank", "order")
+
+    def __init__(
+        self,
+        encoder: UserEncoder,
+        index: ItemIndex,
+        catalog: Catalog | None = None,
+        *,
+        candidates: int = 200,
+        slate_size: int = 10,
+        diversity: float = 0.2,
+        filter_seen: bool = False,
+        exclude_trigger: bool = True,
+        category_weight: float = 0.5,
+        reranker: Reranker | None = None,
+        fallback_vector: np.ndarray | None = None,
+        on_stage: StageCallback | None = None,
+    ) -> None:
+        if encoder.dim != index.dim:
+            raise ValueError(
+                f"pipeline: expected encoder dim == index dim, got {encoder.dim} and {index.dim}"
+            )
+        if not (1 <= slate_size <= candidates) or not 0.0 <= diversity <= 1.0:
+            raise ValueError(
+                "pipeline: expected 1 <= slate_size <= candidates and diversity in [0, 1], got "
+                f"slate_size={slate_size}, candidates={candidates}, diversity={diversity}"
+            )
+        if fallback_vector is None:
+            _, vecs = index.live_vectors()
+            fallback_vector = vecs.mean(axis=0) if len(vecs) else np.zeros(index.dim, np.float32)
+        fallback_vector = np.asarray(fallback_vector, dtype=np.float32)
+        if fallback_vector.shape != (index.dim,):
+            raise ValueError(
+                f"pipeline: expected fallback vector ({index.dim},), got {fallback_vector.shape}"
+            )
+        self.encoder, self.index, self.catalog = encoder, index, catalog
+        self.on_stage = on_stage
+        rows = CatalogRows(catalog, index) if catalog is not None else None
+        self.encode = EncodeStage(encoder, index, fallback_vector)
+        self.retrieve = RetrieveStage(index, candidates)
+        self.filter = FilterStage(
+            index, rows, filter_seen=filter_seen, exclude_trigger=exclude_trigger
+        )
+        self.rerank = RerankStage(reranker or RetrievalScoreReranker())
+        self.order = OrderStage(
+            index, rows, slate_size=slate_size, diversity=diversity, category_weight=category_weight
+        )
+
+    @classmethod
+    def from_encoder(
+        cls,
+        encoder: UserEncoder,
+        catalog: Catalog | None = None,
+        *,
+        approx_threshold: int = 100_000,
+        **params: Any,
+    ) -> Pipeline:
+        """Build the index from ``encoder.item_vectors()`` / ``item_ids()`` (IVF built inline
+        when the catalogue is already above ``approx_threshold``), then the pipeline.
+        ``params`` are the keyword arguments of ``Pipeline.__init__``."""
+        index = ItemIndex(encoder.dim, approx_threshold=approx_threshold, background=False)
+        ids = list(encoder.item_ids())
+        vecs = np.asarray(encoder.item_vectors(), dtype=np.float32)
+        if vecs.shape != (len(ids), encoder.dim):
+            raise ValueError(
+                f"pipeline: expected item_vectors ({len(ids)}, {encoder.dim}) from encoder "
+                f"{encoder.version}, got {vecs.shape}"
+            )
+        index.upsert(ids, vecs)
+        index.background = True
+        return cls(encoder, index, catalog, **params)
+
+    @classmethod
+    def from_settings(
+        cls,
+        encoder: UserEncoder,
+        catalog: Catalog | None,
+        settings: PipelineSettings,
+        **params: Any,
+    ) -> Pipeline:
+        """``from_encoder`` with candidates, slate_size, diversity and filter_seen from
+        settings."""
+        return cls.from_encoder(
+            encoder,
+            catalog,
+            candidates=settings.candidates,
+            slate_size=settings.slate_size,
+            diversity=settings.diversity,
+            filter_seen=settings.filter_seen,
+            **params,
+        )
+
+    def _timed(self, name: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        if self.on_stage is not None:
+            self.on_stage(name, t1 - t0)
+        return t1
+
+    def recommend(self, requests: Sequence[SlateRequest]) -> list[Slate]:
+        """One slate per request, in request order."""
+        reqs = tuple(requests)
+        if not reqs:
+            return []
+        t = time.perf_counter()
+        encoded = self.encode(reqs)
+        t = self._timed(self.encode.name, t)
+        cands = self.retrieve(encoded)
+        t = self._timed(self.retrieve.name, t)
+        cands = self.filter(cands)
+        t = self._timed(self.filter.name, t)
+        cands = self.rerank(cands)
+        t = self._timed(self.rerank.name, t)
+        ordered = self.order(cands)
+        self._timed(self.order.name, t)
+        return self._slates(ordered)
+
+    def _slates(self, ordered: Ordered) -> list[Slate]:
+        c = ordered.candidates
+        pos = ordered.positions
+        ok = pos >= 0
+        safe = np.maximum(pos, 0)
+        rows = np.take_along_axis(c.rows, safe, axis=1)
+        scores = np.take_along_axis(c.scores, safe, axis=1)
+        ids = c.row_ids[np.where(ok, rows, 0)] if len(c.row_ids) else None
+        model_version = self.encoder.version
+        out = []
+        for b, req in enumerate(c.requests):
+            n = int(ok[b].sum())  # picks are packed left, so the first n are real
+            out.append(
+                Slate(
+                    req.user_id,
+                    ids[b, :n].tolist() if ids is not None else [],
+                    scores[b, :n].astype(float).tolist(),
+                    model_version,
+                    c.index_version,
+                )
+            )
+        return out

@@ -1,0 +1,153 @@
+"""The recommender a worker serves: model + index + catalog + pipeline, swappable at runtime.
+
+Transport-free. The Faust agent calls ``recommend`` from one model thread; the catalog feed
+calls ``upsert_item``/``delete_item`` and the control feed ``swap_model`` from their threads.
+Mutations take one lock; ``recommend`` reads the current pipeline reference (swapped
+atomically), so a model swap never blocks or mixes versions within a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+import numpy as np
+
+from schemas.models import Item
+from serving.artifacts import LoadedEncoder, load_model
+from serving.catalog import Catalog, ItemMeta
+from serving.pipeline import Pipeline, Slate, SlateRequest
+from serving.types import Step
+from streamrec.metrics import Metrics
+from streamrec.settings import Settings
+
+log = logging.getLogger("streamrec.service")
+
+
+class Recommender:
+    """Serves slates for batches of user histories and follows catalog and model changes."""
+
+    def __init__(
+        self, encoder: LoadedEncoder, settings: Settings, metrics: Metrics | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.catalog = Catalog()
+        self._lock = threading.Lock()
+        self._model_dir: str | None = None
+        self._pipeline = self._build(encoder)
+        self._set_vocab(encoder)
+        self._publish_info()
+
+    def _set_vocab(self, encoder: LoadedEncoder) -> None:
+        self._row_of = {item: i for i, item in enumerate(encoder.item_ids())}
+        self._vectors = np.asarray(encoder.item_vectors(), dtype=np.float32)
+
+    @classmethod
+    def load(cls, settings: Settings, metrics: Metrics | None = None) -> Recommender:
+        if settings.model_dir is None:
+            raise ValueError("recommender: expected settings.model_dir, got None")
+        rec = cls(load_model(settings.model_dir), settings, metrics)
+        rec._model_dir = str(Path(settings.model_dir).resolve())
+        return rec
+
+    # --- building -----------------------------------------------------------------------
+    def _on_stage(self, name: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.stage_duration.labels(stage=name).observe(seconds)
+
+    def _build(self, encoder: LoadedEncoder) -> Pipeline:
+        pipeline = Pipeline.from_settings(
+            encoder, self.catalog, self.settings, on_stage=self._on_stage
+        )
+        # Items the catalog already retired or marked unavailable stay out of the new index.
+        blocked = [
+            i for i in encoder.item_ids() if not self.catalog.is_available([i])[0]
+        ]
+        if blocked:
+            pipeline.index.remove(blocked)
+        return pipeline
+
+    def _publish_info(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.model_info.clear()
+        # The label carries the index version at model load (a build), not every mutation:
+        # a label that changed per catalog update would churn series.
+        self.metrics.model_info.labels(
+            model_version=self.model_version, index_version=self.index_version
+        ).set(1)
+        self.metrics.index_items.set(self.index_size)
+
+    # --- read side ----------------------------------------------------------------------
+    @property
+    def model_version(self) -> str:
+        return self._pipeline.encoder.version
+
+    @property
+    def index_version(self) -> str:
+        return self._pipeline.index.version
+
+    @property
+    def index_size(self) -> int:
+        return len(self._pipeline.index)
+
+    def knows_item(self, item_id: str) -> bool:
+        """An item is known if the model has an embedding for it or the catalog lists it."""
+        return item_id in self._row_of or item_id in self.catalog
+
+    def recommend(self, histories: Sequence[tuple[str, Sequence[Step]]]) -> list[Slate]:
+        """One slate per (user_id, history), in order. Runs in the model thread."""
+        pipeline = self._pipeline  # one version for the whole batch
+        return pipeline.recommend([SlateRequest(u, h) for u, h in histories])
+
+    # --- catalog ------------------------------------------------------------------------
+    def upsert_item(self, item: Item) -> None:
+        meta = ItemMeta(
+            available=item.available,
+            price=item.price,
+            categories=tuple(item.categories),
+            title=item.title,
+        )
+        with self._lock:
+            self.catalog.upsert(item.item_id, meta)
+            pipeline = self._pipeline
+            index = pipeline.index
+            if not item.available:
+                index.remove([item.item_id])
+                return
+            if index.contains(item.item_id):
+                return
+            vector = self._vector_for(pipeline, item)
+            if vector is not None:
+                index.upsert([item.item_id], vector[None, :])
+
+    def _vector_for(self, pipeline: Pipeline, item: Item) -> np.ndarray | None:
+        """The embedding for an item that is not in the index: the model's own when it has
+        one (the item was retired and came back); None for items the model never saw."""
+        row = self._row_of.get(item.item_id)
+        if row is None:
+            return None
+        return self._vectors[row]
+
+    def delete_item(self, item_id: str) -> None:
+        with self._lock:
+            self.catalog.delete(item_id)
+            self._pipeline.index.remove([item_id])
+
+    # --- models -------------------------------------------------------------------------
+    def swap_model(self, model_dir: str | Path) -> bool:
+        """Load ``model_dir`` and serve it from the next batch on. Returns False if it is the
+        model already serving (same version)."""
+        encoder = load_model(model_dir)
+        if encoder.version == self.model_version:
+            return False
+        with self._lock:
+            pipeline = self._build(encoder)
+            self._set_vocab(encoder)
+            self._pipeline = pipeline
+            self._model_dir = str(Path(model_dir).resolve())
+        self._publish_info()
+        log.info("model swapped to %s (%d items)", encoder.version, len(pipeline.index))
+        return True

@@ -1,0 +1,89 @@
+"""MMR: the batched fast path against the pure-Python reference; evaluation helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serving.ordering import coverage, intra_list_diversity, mmr, mmr_reference
+
+
+def case(seed: int, b: int = 6, c: int = 40, d: int = 8, m: int = 3):
+    rng = np.random.default_rng(seed)
+    rel = rng.standard_normal((b, c))
+    rel[rng.random((b, c)) < 0.1] = -np.inf  # filtered candidates
+    rel[0, 5:] = -np.inf  # a user with fewer candidates than the slate
+    vec = rng.standard_normal((b, c, d))
+    cats = rng.integers(0, 6, (b, c, m))
+    cats[..., 1:][rng.random((b, c, m - 1)) < 0.5] = -1
+    cats[:, ::3] = -1  # items without categories
+    return rel, vec, cats
+
+
+@pytest.mark.parametrize("diversity", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("with_categories", [False, True])
+def test_mmr_matches_reference(diversity: float, with_categories: bool) -> None:
+    for seed in range(3):
+        rel, vec, cats = case(seed)
+        # Reference categories must be distinct per item, as the catalog guarantees.
+        cats = np.where(cats == np.roll(cats, 1, axis=2), -1, cats)
+        c = cats if with_categories else None
+        fast = mmr(rel, vec, 10, diversity, categories=c, category_weight=0.4)
+        slow = mmr_reference(
+            rel.tolist(),
+            vec.tolist(),
+            10,
+            diversity,
+            categories=c.tolist() if c is not None else None,
+            category_weight=0.4,
+        )
+        assert fast.tolist() == slow
+
+
+def test_zero_diversity_is_relevance_order() -> None:
+    rel, vec, _ = case(7)
+    picks = mmr(rel, vec, 10, 0.0)
+    for r, p in zip(rel, picks, strict=True):
+        valid = np.isfinite(r)
+        want = [j for j in np.argsort(-r, kind="stable") if valid[j]][:10]
+        assert p[: len(want)].tolist() == want
+        assert (p[len(want) :] == -1).all()
+
+
+def test_diversity_spreads_clusters() -> None:
+    # Two tight clusters; the most relevant items all sit in cluster A.
+    vec = np.array([[[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5])
+    rel = np.array([[10, 9, 8, 7, 6, 5, 4, 3, 2, 1]], dtype=float)
+    assert mmr(rel, vec, 2, 0.0).tolist() == [[0, 1]]
+    assert mmr(rel, vec, 2, 0.8).tolist() == [[0, 5]]
+    plain = intra_list_diversity(vec[0, [0, 1]])
+    diverse = intra_list_diversity(vec[0, [0, 5]])
+    assert plain == pytest.approx(0.0)
+    assert diverse == pytest.approx(1.0)
+
+
+def test_helpers() -> None:
+    assert intra_list_diversity(np.ones((1, 4))) == 0.0
+    batch = intra_list_diversity(np.array([[[1, 0], [0, 1]], [[1, 0], [1, 0]]], dtype=float))
+    np.testing.assert_allclose(batch, [1.0, 0.0])
+    assert coverage([["a", "b"], ["b", "c"]], 6) == 0.5
+    assert coverage([[1, 2, -1]], 4) == 0.5
+    assert mmr(np.zeros((0, 3)), np.zeros((0, 3, 2)), 2, 0.5).shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: mmr(np.zeros(3), np.zeros((1, 3, 2)), 1, 0.5), r"relevance \(B, C\)"),
+        (lambda: mmr(np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, 1.5), r"diversity in \[0, 1\]"),
+        (
+            lambda: mmr(np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, 0.5, categories=np.zeros((1, 3))),
+            r"categories \(B, C, M\)",
+        ),
+        (lambda: intra_list_diversity(np.zeros(3)), r"\(S, D\) or \(B, S, D\)"),
+        (lambda: coverage([["a"]], 0), "n_items > 0"),
+    ],
+)
+def test_bad_input_is_rejected(call: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()  # type: ignore[operator]
