@@ -64,7 +64,8 @@ def bench_index(n: int, approximate: bool, queries: np.ndarray) -> dict[str, Any
     load_s = time.perf_counter() - t
     res: dict[str, Any] = {"n": n, "kind": "ivf" if approximate else "flat", "load_s": load_s}
     if approximate:
-        res["nprobe"] = index.nprobe
+        res["nprobe"] = index._ivf.nprobe
+        res["nlist"] = index._ivf.nlist
     rng = np.random.default_rng(2)
     fresh = clustered(2000, seed=3)
     # Single-item calls: the shape of the items-topic stream (one message, one upsert).

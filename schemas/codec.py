@@ -275,9 +275,9 @@ def dead_letter(
     value: bytes | None,
     key: bytes | None,
     error: DecodeError | tuple[str, str],
-    topic: str,
-    partition: int,
-    offset: int,
+    topic: str | None,
+    partition: int | None,
+    offset: int | None,
     stage: str | None = None,
     now_ms: int | None = None,
     *,
@@ -288,7 +288,9 @@ def dead_letter(
     ``error`` is a :class:`DecodeError` or ``(code, detail)`` (codes the worker raises itself,
     such as ``unknown_item`` or ``pipeline_error``). The original value is kept exactly, cut to
     ``max_original_bytes`` (``original_truncated`` then says so) so the record itself fits the
-    broker's message limit. Raises ``ValueError`` for a code outside :class:`ErrorCode`.
+    broker's message limit. An unknown origin (``None``, an empty topic, a negative partition
+    or offset, as Kafka clients report it) is written as null. Raises ``ValueError`` for a code
+    outside :class:`ErrorCode`.
     """
     if isinstance(error, DecodeError):
         code, detail = error.code, error.detail
@@ -307,9 +309,9 @@ def dead_letter(
         original_truncated=truncated,
         error=ErrorCode(code),
         detail=detail[:MAX_TEXT_LEN],
-        source_topic=topic,
-        source_partition=partition,
-        source_offset=offset,
+        source_topic=topic or None,
+        source_partition=None if partition is None or partition < 0 else partition,
+        source_offset=None if offset is None or offset < 0 else offset,
         failed_at=ms_to_rfc3339(now_ms),
         stage=stage,
     )

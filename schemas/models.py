@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import re
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -96,20 +96,13 @@ def rfc3339_to_ms(text: str) -> int:
     if m is None:
         naive = len(text) <= MAX_TS_TEXT_LEN and _RFC3339.match(text + "Z") is not None
         raise ValueError("timestamp has no timezone" if naive else _NOT_RFC3339)
-    year, month, day, hour, minute, second, frac, offset = m.groups()
-    if offset in ("Z", "z"):
-        tz = UTC
-    else:
-        sign = -1 if offset[0] == "-" else 1
-        oh, om = int(offset[1:3]), int(offset[4:6])
-        if oh > 23 or om > 59:
-            raise ValueError(f"timezone offset {offset} is out of range")
-        tz = timezone(sign * timedelta(hours=oh, minutes=om))
-    micro = int((frac or "0")[:6].ljust(6, "0"))
+    offset = m.group(8)
+    if len(offset) > 1 and (int(offset[1:3]) > 23 or int(offset[4:6]) > 59):
+        raise ValueError(f"timezone offset {offset} is out of range")
     try:
-        dt = datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tz
-        )
+        # The pattern has vetted the syntax; the C parser checks the calendar and is fast.
+        # It truncates sub-microsecond digits, and the floor division below truncates to ms.
+        dt = datetime.fromisoformat(text.upper())
     except ValueError as exc:
         raise ValueError(f"impossible date or time ({exc})") from exc
     return (dt - _EPOCH) // _MS
@@ -252,9 +245,10 @@ class DeadLetter(_Wire):
     original_truncated: Annotated[bool, Field(strict=True)] = False
     error: ErrorCode
     detail: Annotated[str, Field(strict=True, max_length=MAX_TEXT_LEN)]
-    source_topic: Id
-    source_partition: Count
-    source_offset: Count
+    # null when the failure is no longer tied to one source record (a whole batch failed).
+    source_topic: Id | None
+    source_partition: Count | None
+    source_offset: Count | None
     failed_at: UtcTime
     stage: Id | None = None
 

@@ -2,9 +2,10 @@
 
 Layout. Every item gets a *row*: a stable int64 assigned on its first upsert and never reused,
 so a row read by a search keeps naming the same item even if the index changes meanwhile.
-The source of truth is an exact flat index (``faiss.IndexFlatIP``) whose position ``r`` holds
-the vector of row ``r``; removed rows stay in it, zeroed, and are excluded from searches by a
-live-row bitmap. Below ``approx_threshold`` live items the flat index serves searches itself.
+The source of truth is an exact flat store, a float32 buffer with capacity doubling whose
+position ``r`` holds the vector of row ``r``, searched with faiss' brute-force inner-product
+kernel; removed rows stay in it, zeroed, and are excluded from searches by a live-row bitmap.
+Below ``approx_threshold`` live items the flat store serves searches itself.
 At or above it an IVF-Flat index is built in a background thread from a snapshot of the live
 rows, while the flat index keeps serving; rows touched during the build are replayed onto the
 new index (from the flat index, the source of truth) before it is swapped in under the write
@@ -136,7 +137,7 @@ class ItemIndex:
         *,
         approx_threshold: int = 100_000,
         nlist: int | None = None,
-        nprobe: int = 48,
+        nprobe: int | None = None,
         background: bool = True,
         rebuild_growth: float = 2.0,
         use_gpu: bool | None = None,
@@ -144,14 +145,15 @@ class ItemIndex:
         _gpu_to_device: Any = None,
     ) -> None:
         """dim: vector width D. approx_threshold: live items at which IVF takes over.
-        nlist: IVF lists (default ``2 * sqrt(n)`` clamped to [64, 8192]). nprobe: lists probed.
+        nlist: IVF lists (default ``2 * sqrt(n)`` clamped to [64, 8192]). nprobe: lists probed
+        (default ``nlist // 6``: recall@100 ~0.96 on clustered data, see docs/bench-index.md).
         background: build the IVF index in a thread (False: synchronously, for tests/bench).
         rebuild_growth: rebuild the IVF index when live items grew by this factor since the
         last build (its lists were trained on a smaller catalogue). use_gpu: None = auto.
         """
         if dim <= 0:
             raise ValueError(f"{STAGE}: expected a positive dimension, got {dim}")
-        if approx_threshold < 1 or nprobe < 1 or rebuild_growth <= 1.0:
+        if approx_threshold < 1 or (nprobe is not None and nprobe < 1) or rebuild_growth <= 1.0:
             raise ValueError(
                 f"{STAGE}: expected approx_threshold >= 1, nprobe >= 1, rebuild_growth > 1, got "
                 f"{approx_threshold}, {nprobe}, {rebuild_growth}"
@@ -163,7 +165,7 @@ class ItemIndex:
         self.background = background
         self.rebuild_growth = rebuild_growth
         self._lock = _RWLock()
-        self._flat = faiss.IndexFlatIP(dim)
+        self._xb = np.zeros((1024, dim), dtype=np.float32)
         self._row_of: dict[str, int] = {}
         self._row_ids = np.empty(1024, dtype=object)
         self._live = np.zeros(1024, dtype=bool)
@@ -242,7 +244,7 @@ class ItemIndex:
         if row < 0:
             raise KeyError(f"{STAGE}: vector: no live item {item_id!r}")
         with self._lock.read():
-            return np.array(self._flat.reconstruct(row), dtype=np.float32)
+            return self._xb[row].copy()
 
     def vectors_of_rows(self, rows: np.ndarray) -> np.ndarray:
         """rows: (...) int64, -1 allowed. Returns (..., D) float32; zeros where the row is -1."""
@@ -264,11 +266,8 @@ class ItemIndex:
         return rows, self._xb_view()[rows].copy()
 
     def _xb_view(self) -> np.ndarray:
-        # A view into faiss' own storage: valid until the next add, so only use it under the lock.
-        n = self._n_rows
-        if n == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return faiss.rev_swig_ptr(self._flat.get_xb(), n * self.dim).reshape(n, self.dim)
+        # Valid until the next growth reallocates the buffer, so only use it under the lock.
+        return self._xb[: self._n_rows]
 
     # ------------------------------------------------------------------ mutations
     def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
@@ -301,7 +300,7 @@ class ItemIndex:
                 for item, row in zip((ids[j] for j in new_pos), new_rows.tolist(), strict=True):
                     self._row_of[item] = row
                     self._row_ids[row] = item
-                self._flat.add(x[new_pos])
+                self._xb[new_rows] = x[new_pos]
                 self._n_rows = start + len(new_pos)
             self._n_live += int((~self._live[rows]).sum())
             self._live[rows] = True
@@ -348,7 +347,9 @@ class ItemIndex:
         row_ids[: self._n_rows] = self._row_ids[: self._n_rows]
         live = np.zeros(cap, dtype=bool)
         live[: self._n_rows] = self._live[: self._n_rows]
-        self._row_ids, self._live = row_ids, live
+        xb = np.zeros((cap, self.dim), dtype=np.float32)
+        xb[: self._n_rows] = self._xb[: self._n_rows]
+        self._row_ids, self._live, self._xb = row_ids, live, xb
 
     def _after_mutation(self, rows: np.ndarray) -> None:
         self._generation += 1
@@ -377,6 +378,11 @@ class ItemIndex:
             self._build_thread.start()
         if wait:
             self.wait_for_build()
+
+    @property
+    def build_error(self) -> BaseException | None:
+        """The error of the last failed background build, until ``wait_for_build`` raises it."""
+        return self._build_error
 
     def wait_for_build(self, timeout: float | None = None) -> None:
         """Wait for a running build; re-raises its error."""
@@ -422,7 +428,7 @@ class ItemIndex:
         ivf.cp.niter = 10
         ivf.train(vectors)
         ivf.set_direct_map_type(_faiss.DirectMap.Hashtable)
-        ivf.nprobe = min(self.nprobe, nlist)
+        ivf.nprobe = min(self.nprobe or max(1, nlist // 6), nlist)
         return ivf
 
     # ------------------------------------------------------------------ search
@@ -454,12 +460,24 @@ class ItemIndex:
         return SearchResult(scores, rows, row_ids, version)
 
     def _flat_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._n_live == self._n_rows:
-            res: tuple[np.ndarray, np.ndarray] = self._flat.search(q, k)
-            return res
-        params = _faiss.SearchParameters(sel=faiss.IDSelectorBitmap(self._n_rows, self._bitmap()))
-        res = self._flat.search(q, k, params=params)
-        return res
+        n = self._n_rows
+        scores = np.empty((len(q), k), dtype=np.float32)
+        rows = np.empty((len(q), k), dtype=np.int64)
+        sel = None if self._n_live == n else _faiss.IDSelectorBitmap(n, self._bitmap())
+        # faiss' brute-force kernel (BLAS + heap) straight on our buffer: IndexFlat.add copies
+        # its whole storage on every call, which made single-item upserts O(N).
+        _faiss.knn_inner_product(
+            faiss.swig_ptr(q),
+            faiss.swig_ptr(self._xb),
+            self.dim,
+            len(q),
+            n,
+            k,
+            faiss.swig_ptr(scores),
+            faiss.swig_ptr(rows),
+            sel,
+        )
+        return scores, rows
 
     def _bitmap(self) -> Any:
         cache = self._bitmap_cache

@@ -53,6 +53,7 @@ def _one_run(
             "topic_items": f"bench.{tag}.items",
             "topic_recommendations": f"bench.{tag}.recs",
             "topic_dlq": f"bench.{tag}.dlq",
+            "topic_control": f"bench.{tag}.control",
             "data_dir": workdir / tag,
             "metrics_port": free_port(),
         }

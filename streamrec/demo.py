@@ -110,10 +110,16 @@ def run_demo(
         raise DemoError(str(exc)) from exc
     console.print(f"  broker at {status.bootstrap}")
     run_id = time.strftime("%Y%m%d%H%M%S")
+    # Topics of its own per demo run: a second run must not replay the first one's events.
     settings = base.model_copy(
         update={
             "kafka_bootstrap": kafka.bootstrap,
             "app_id": f"streamrec-demo-{run_id}",
+            "topic_events": f"demo.{run_id}.events",
+            "topic_items": f"demo.{run_id}.items",
+            "topic_recommendations": f"demo.{run_id}.recommendations",
+            "topic_dlq": f"demo.{run_id}.events.dlq",
+            "topic_control": f"demo.{run_id}.control",
             "data_dir": workdir / "worker",
             "metrics_port": free_port(),
         }

@@ -265,6 +265,9 @@ def _pid_alive(pid: int) -> bool:
             return False
         state = stat.rsplit(")", 1)[-1].split()[0]
         if state in ("Z", "X"):
+            # It died after the reap above: reap it now, so that it does not stay a zombie.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
             return False
         return BROKER_MAIN.encode() in cmdline
     return True
@@ -481,8 +484,8 @@ class LocalKafka:
             f"{self.jars_dir}/*",
             "kafka.tools.StorageTool",
             "format",
-            "-t",
-            cluster_id,
+            # ``=`` form: a base64 cluster id may start with '-', which argparse takes for a flag.
+            f"--cluster-id={cluster_id}",
             "-c",
             str(self.properties_file),
             "--standalone",

@@ -29,6 +29,9 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SLATE_HIT_KS = (1, 5, 10)
+#: Pipeline stage names (the ``stage`` label); serving.pipeline.Pipeline.STAGES must match.
+STAGES = ("encode", "retrieve", "filter", "rerank", "order")
+ITEM_OPS = ("upsert", "delete")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,30 @@ class Metrics:
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
+        metrics = cls._create(registry)
+        metrics._initialise_labels()
+        return metrics
+
+    def _initialise_labels(self) -> None:
+        """Export every known label value from the start, at 0: a labelled series that does
+        not exist yet shows as "no data" in Grafana and breaks rate() over restarts."""
+        from schemas.models import ErrorCode, EventType
+
+        for event_type in EventType:
+            self.events_consumed.labels(type=event_type.value)
+        for code in ErrorCode:
+            self.events_rejected.labels(reason=code.value)
+            self.items_rejected.labels(reason=code.value)
+        for stage in STAGES:
+            self.stage_duration.labels(stage=stage)
+        for k in SLATE_HIT_KS:
+            self.slate_hits.labels(k=str(k))
+        for op in ITEM_OPS:
+            self.items_consumed.labels(op=op)
+        self.index_updated.set_to_current_time()
+
+    @classmethod
+    def _create(cls, registry: CollectorRegistry) -> Metrics:
         r = registry
         return cls(
             events_consumed=Counter(

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from streamrec.replay import make_producer, produce_records
 from streamrec.settings import Settings
-from streams.feeds import CONTROL_TOPIC
 
 
 def read_model_version(model_dir: Path) -> str:
@@ -28,7 +27,7 @@ def publish_model_notice(settings: Settings, model_dir: Path) -> str:
     version = read_model_version(model_dir)
     notice = {"model_dir": str(model_dir.resolve()), "version": version}
     producer = make_producer(settings)
-    produce_records(producer, CONTROL_TOPIC, [(b"model", json.dumps(notice).encode())])
+    produce_records(producer, settings.topic_control, [(b"model", json.dumps(notice).encode())])
     return version
 
 

@@ -103,8 +103,12 @@ class OutputCollector:
         settings: Settings,
         keep_slates: bool = False,
         on_recommendation: Callable[[dict[str, Any]], None] | None = None,
+        from_beginning: bool = True,
     ) -> None:
+        """``from_beginning``: read the output topics from their start (right for topics
+        created for this run); otherwise only what arrives after assignment."""
         self.settings = settings
+        self.from_beginning = from_beginning
         self.keep_slates = keep_slates
         self.on_recommendation = on_recommendation
         self.collected = Collected()
@@ -144,7 +148,7 @@ class OutputCollector:
             {
                 **confluent_config(s),
                 "group.id": f"streamrec-collector-{time.time_ns()}",
-                "auto.offset.reset": "latest",
+                "auto.offset.reset": "earliest" if self.from_beginning else "latest",
                 "enable.auto.commit": False,
             }
         )
@@ -177,7 +181,8 @@ class OutputCollector:
                 c.dlq_reasons[reason] = c.dlq_reasons.get(reason, 0) + 1
                 return
             c.recommendations += 1
-            c.latencies_ms.append(t * 1000 - record["event_ts"])
+            # Passthrough (benchmark reference) forwards raw events, which carry ``ts``.
+            c.latencies_ms.append(t * 1000 - record.get("event_ts", record.get("ts", 0)))
             c.coalesced += len(record.get("coalesced_event_ids") or ())
             mv = record.get("model_version", "?")
             c.model_versions[mv] = c.model_versions.get(mv, 0) + 1

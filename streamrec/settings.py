@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     topic_items: str = "streamrec.items"
     topic_recommendations: str = "streamrec.recommendations"
     topic_dlq: str = "streamrec.events.dlq"
+    topic_control: str = Field("streamrec.control", description="model hot-swap notices")
     topic_partitions: int = Field(4, ge=1, description="partitions for topics we create")
     topic_replication: int = Field(1, ge=1)
 

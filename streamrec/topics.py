@@ -18,7 +18,6 @@ from streamrec.kafka_config import bootstrap_servers, confluent_config
 from streamrec.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000
-CONTROL_TOPIC = "streamrec.control"
 # Faust table names whose changelogs we pre-create: the Faust app must use exactly these.
 EVENT_TABLES = ("sessions", "seen_events", "last_slates")
 ITEM_TABLES = ("catalog",)
@@ -42,12 +41,6 @@ class TopicSpec:
     replication: int
     config: dict[str, str] = field(default_factory=dict)
     purpose: str = ""
-
-
-def control_topic(settings: Settings) -> str:
-    """Model hot-swap notices; ``topic_control`` in Settings wins once it exists there."""
-    name: str = getattr(settings, "topic_control", CONTROL_TOPIC)
-    return name
 
 
 def changelog_topic(app_id: str, table: str) -> str:
@@ -91,7 +84,7 @@ def design_topics(settings: Settings, partitions: int | None = None) -> list[Top
             {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
             "rejected events with reasons",
         ),
-        TopicSpec(control_topic(settings), 1, r, dict(COMPACT), "model hot-swap notices"),
+        TopicSpec(settings.topic_control, 1, r, dict(COMPACT), "model hot-swap notices"),
     ]
     specs += [
         TopicSpec(changelog_topic(app, t), p, r, dict(COMPACT), f"faust table {t}")

@@ -24,9 +24,6 @@ from streamrec.settings import Settings
 
 log = logging.getLogger("streamrec.feeds")
 
-CONTROL_TOPIC = "streamrec.control"
-
-
 class _BroadcastFeed:
     """Reads every partition of one topic from the beginning, in a daemon thread."""
 
@@ -136,7 +133,10 @@ class ControlFeed(_BroadcastFeed):
     """Hot-swaps the model when a notice ``{"model_dir": PATH}`` arrives on the control topic."""
 
     name = "control"
-    topic = CONTROL_TOPIC
+
+    def __init__(self, settings: Settings, recommender: Recommender, metrics: Metrics) -> None:
+        super().__init__(settings, recommender, metrics)
+        self.topic = settings.topic_control
 
     def handle(self, key: bytes | None, value: bytes | None, partition: int, offset: int) -> None:
         if value is None:

@@ -9,6 +9,7 @@ sets, ratios ours/peer, hyperparameters, wall times and encode throughput.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -61,6 +62,7 @@ def main(
     attn_dropout: float = 0.2,
     lr: float = 1e-3,
     batch_size: int = 256,
+    negatives: Annotated[int, typer.Option(help="0 = full softmax")] = 0,
     max_len: int = 50,
     seed: int = 42,
     threads: int = 2,
@@ -72,6 +74,7 @@ def main(
     if dataset not in DATASETS:
         raise typer.BadParameter(f"bench: expected --dataset in {sorted(DATASETS)}, got {dataset!r}")
     torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rel, fmt = DATASETS[dataset]
     t0 = time.perf_counter()
     data = load_interactions(data_root / rel, fmt)
@@ -97,6 +100,7 @@ def main(
         lr=lr,
         patience=patience,
         eval_every=eval_every,
+        negatives=negatives,
         seed=seed,
         device=device,
         progress=progress,

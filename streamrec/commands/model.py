@@ -1,7 +1,131 @@
-"""Placeholder: this command group is being written."""
+"""``streamrec train`` and ``streamrec evaluate``: the sequential encoder from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+FORMAT_HELP = "s3rec | ml-100k | ml-1m | rechorus | yoochoose | events"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    return typer.Exit(code=2)
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="interaction log (file or folder; .gz is fine)")],
+    fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)],
+    out: Annotated[Path, typer.Option(help="model directory to write")],
+    epochs: int = 200,
+    dim: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    max_len: int = 50,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    dropout: float = 0.5,
+    negatives: Annotated[int, typer.Option(help="0 = full softmax; N = sampled")] = 0,
+    seed: int = 42,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
+    patience: Annotated[int, typer.Option(help="validation rounds without gain")] = 10,
+    eval_every: int = 1,
+    progress: bool = True,
+) -> None:
+    """Train the sequence encoder (leave-one-out; early stop on validation NDCG@10)."""
+    # torch is imported here so the CLI's other commands start fast.
+    from serving.artifacts import save_model
+    from serving.data import DataError, leave_one_out, load_interactions
+    from serving.encoder import EncoderConfig
+    from serving.evaluate import evaluate_split, print_reports
+    from serving.train import TrainConfig, train_encoder
+
+    try:
+        interactions = load_interactions(data, fmt)
+        model_cfg = EncoderConfig(
+            num_items=len(interactions.item_ids()),
+            dim=dim,
+            layers=layers,
+            heads=heads,
+            max_len=max_len,
+            dropout=dropout,
+            use_time=interactions.has_time,
+        )
+        train_cfg = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            patience=patience,
+            eval_every=eval_every,
+            negatives=negatives,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
+        split = leave_one_out(interactions)
+        result, vocab, log_ = train_encoder(split, model_cfg, train_cfg)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    test = evaluate_split(result.model, split, log_, "test", max_len=max_len) if split.test else None
+    metrics: dict[str, object] = {"best_epoch": result.best_epoch, "train_seconds": result.seconds}
+    if result.best_valid is not None:
+        metrics["valid"] = result.best_valid.metrics
+    if test is not None:
+        metrics["test"] = test.metrics
+        print_reports({"encoder": test})
+    version = save_model(
+        result.model,
+        out,
+        vocab.ids,
+        dataset=interactions.name,
+        metrics=metrics,
+        train=train_cfg.to_dict(),
+    )
+    typer.echo(f"saved {version} to {out}")
+
+
+def evaluate(
+    model: Annotated[Path, typer.Option(help="model directory written by `streamrec train`")],
+    data: Annotated[Path, typer.Option(help="interaction log (file or folder; .gz is fine)")],
+    fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)],
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    split: Annotated[str, typer.Option(help="test | valid")] = "test",
+    exclude_history: bool = False,
+    device: str = "auto",
+) -> None:
+    """Full-ranking leave-one-out HR/NDCG@{5,10,20} of a saved model on a log."""
+    from serving.artifacts import ArtifactError, load_model
+    from serving.data import DataError, EncodedLog, leave_one_out, load_interactions
+    from serving.evaluate import evaluate_split, print_reports, write_json
+
+    if split not in ("test", "valid"):
+        raise _fail(f"evaluate: expected --split test or valid, got {split!r}")
+    try:
+        loaded = load_model(model, device=device)
+        interactions = load_interactions(data, fmt)
+    except (ArtifactError, DataError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    loo = leave_one_out(interactions)
+    if not loo.cases(split):
+        raise _fail(f"evaluate: expected users with >= 3 interactions in {data}, found none")
+    report = evaluate_split(
+        loaded.model,
+        loo,
+        EncodedLog(interactions, loaded.vocab),
+        split,
+        max_len=loaded.max_len,
+        exclude_history=exclude_history,
+    )
+    report.extra = {"model_version": loaded.version, "data": str(data), "format": fmt}
+    print_reports({loaded.version: report})
+    if json_out is not None:
+        write_json(report.to_json(), json_out)
+        typer.echo(f"wrote {json_out}")
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``train`` and ``evaluate`` to ``app``."""
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)

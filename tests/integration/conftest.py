@@ -74,6 +74,7 @@ def make_settings(kafka_bootstrap: str, unique: str, tmp_path: Path) -> Callable
             "topic_items": f"t.items.{unique}",
             "topic_recommendations": f"t.recommendations.{unique}",
             "topic_dlq": f"t.events.dlq.{unique}",
+            "topic_control": f"t.control.{unique}",
             "topic_partitions": 2,
             "app_id": f"t-app-{unique}",
             "data_dir": tmp_path / "worker",

@@ -191,6 +191,6 @@ def test_prometheus_server_explains_a_failed_start(monkeypatch: pytest.MonkeyPat
 def test_prometheus_server_gives_up_when_never_ready() -> None:
     server = PrometheusServer(["127.0.0.1:1"], start_timeout_s=0)
 
-    with pytest.raises(MonitoringError, match="not ready on http://127.0.0.1:"):
+    with pytest.raises(MonitoringError, match=r"not ready on http://127\.0\.0\.1:"):
         server.__enter__()
     assert server._proc is None

@@ -93,7 +93,7 @@ def test_unknown_fields_are_ignored() -> None:
 def test_models_are_frozen() -> None:
     event = decode_event(raw(GOOD), b"u1", LIMITS, NOW)
     with pytest.raises(ValueError, match="frozen"):
-        event.user_id = "u2"  # type: ignore[misc]
+        event.user_id = "u2"
 
 
 @pytest.mark.parametrize(
@@ -142,7 +142,9 @@ def test_invalid_utf8() -> None:
     assert_error(event_error(value), "invalid_utf8", None, "UTF-8", "0xff")
 
 
-@pytest.mark.parametrize("value", [b"{", b'{"a":1,}', b"\xef\xbb\xbf{}", b"undefined"])
+@pytest.mark.parametrize(
+    "value", [b"{", b'{"a":1,}', b"\xef\xbb\xbf{}", b"undefined", b'{"event_id": "\\ud800"}']
+)
 def test_invalid_json(value: bytes) -> None:
     assert_error(event_error(value), "invalid_json", None, "expected valid JSON")
 
@@ -208,7 +210,7 @@ def test_naive_timestamp_is_rejected() -> None:
 
 def test_ts_longer_than_any_rfc3339_text_is_rejected_without_parsing() -> None:
     err = field_error("ts", "2" * 100)
-    assert_error(err, "invalid_value", "ts", "RFC 3339 timestamp with timezone", "(102 chars)")
+    assert_error(err, "invalid_value", "ts", "RFC 3339 timestamp with timezone", "(100 chars)")
 
 
 @pytest.mark.parametrize("value", ["like", "View", ""])
@@ -392,6 +394,18 @@ def test_dead_letter_for_null_value_and_worker_codes() -> None:
     assert record.error == "pipeline_error"
     assert json.loads(data)["original_b64"] is None
     assert record.failed_at == "1970-01-01T00:00:00.000Z"
+
+
+@pytest.mark.parametrize(
+    ("topic", "partition", "offset"), [("", -1, -1), (None, None, None), ("", -1001, -1)]
+)
+def test_dead_letter_with_unknown_origin_writes_nulls(
+    topic: str | None, partition: int | None, offset: int | None
+) -> None:
+    data = dead_letter(b"x", b"u", ("pipeline_error", "boom"), topic, partition, offset)
+    obj = json.loads(data)
+    assert (obj["source_topic"], obj["source_partition"], obj["source_offset"]) == (None,) * 3
+    assert decode_dead_letter(data).source_offset is None
 
 
 def test_dead_letter_stamps_the_current_time_by_default() -> None:

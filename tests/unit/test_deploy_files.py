@@ -242,7 +242,8 @@ def test_dashboard_layout_is_valid() -> None:
     assert len(ids) == len(set(ids))
     for p in all_panels:
         pos = p["gridPos"]
-        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, p["title"]
+        assert pos["x"] >= 0, p["title"]
+        assert pos["x"] + pos["w"] <= 24, p["title"]
 
 
 def test_dashboard_shows_every_exported_metric() -> None:
@@ -474,7 +475,8 @@ def test_extract_queries_finds_every_panel_target_and_alert() -> None:
     assert len([q for q in queries if q.kind == "alert"]) == len(alert_rules()) == 8
     assert len(queries) == 49
     for q in queries:
-        assert "$" not in q.expr and "[[" not in q.expr, q.title
+        assert "$" not in q.expr, q.title
+        assert "[[" not in q.expr, q.title
         assert q.probes
     hit_rate = next(q for q in queries if q.title == "Hit rate @10 [A]")
     assert 'instance=~".*"' in hit_rate.expr
@@ -530,7 +532,7 @@ def test_condition_probes_split_only_top_level_operators(
 def test_check_queries_reports_empty_probes_constant_conditions_and_api_errors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    answers = {
+    answers: dict[str, dict[str, Any]] = {
         "a > 1": {"resultType": "vector", "result": []},
         "a": {"resultType": "vector", "result": [{}, {}]},
         "b": {"resultType": "vector", "result": []},
@@ -682,14 +684,14 @@ def test_timeline_errors_say_what_was_expected(
 def test_timeline_that_is_not_json_or_missing(tmp_path: Path) -> None:
     bad = tmp_path / "r.jsonl"
     bad.write_text('{"t": 0,\n')
-    with pytest.raises(TimelineError, match="r.jsonl:1: expected one JSON object per line"):
+    with pytest.raises(TimelineError, match=r"r\.jsonl:1: expected one JSON object per line"):
         read_timeline(bad)
     with pytest.raises(TimelineError, match="expected a readable timeline file"):
         read_timeline(tmp_path / "absent.jsonl")
 
 
 def test_report_cli_exits_1_with_the_reason(tmp_path: Path) -> None:
-    timeline = write_timeline(tmp_path / "r.jsonl", [point(0, 0, t="x")])
+    timeline = write_timeline(tmp_path / "r.jsonl", [{**point(0, 0), "t": "x"}])
 
     result = CliRunner().invoke(app, ["report", "--timeline", str(timeline), "--out", "o"])
 

@@ -188,6 +188,9 @@ def test_failed_build_keeps_flat_serving(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(ItemIndex, "_train_ivf", boom)
     index = ItemIndex(4, approx_threshold=3, background=True)
     index.upsert(ids(3), np.eye(4, dtype=np.float32)[:3])
+    assert index._build_thread is not None
+    index._build_thread.join(10)
+    assert isinstance(index.build_error, MemoryError)
     with pytest.raises(RuntimeError, match="background IVF build failed: no room"):
         index.wait_for_build(10)
     assert not index.approximate

@@ -24,7 +24,6 @@ from streamrec.kafka_config import (
 from streamrec.kafka_local import free_port
 from streamrec.settings import Settings, load_settings
 from streamrec.topics import (
-    CONTROL_TOPIC,
     TopicError,
     TopicSpec,
     design_topics,
@@ -216,7 +215,7 @@ def test_design_topics_layout() -> None:
         "streamrec.items",
         "streamrec.recommendations",
         "streamrec.events.dlq",
-        CONTROL_TOPIC,
+        "streamrec.control",
         "recs-sessions-changelog",
         "recs-seen_events-changelog",
         "recs-last_slates-changelog",
@@ -231,14 +230,14 @@ def test_design_topics_layout() -> None:
     compacted = {n for n, s in specs.items() if s.config.get("cleanup.policy") == "compact"}
     assert compacted == {
         "streamrec.items",
-        CONTROL_TOPIC,
+        "streamrec.control",
         "recs-sessions-changelog",
         "recs-seen_events-changelog",
         "recs-last_slates-changelog",
         "recs-catalog-changelog",
     }
     single = {n for n, s in specs.items() if s.partitions == 1}
-    assert single == {CONTROL_TOPIC, "recs-__assignor-__leader"}
+    assert single == {"streamrec.control", "recs-__assignor-__leader"}
     # Changelogs co-partition with the streams that feed their tables.
     assert {s.partitions for n, s in specs.items() if n not in single} == {6}
     assert {s.replication for s in specs.values()} == {1}

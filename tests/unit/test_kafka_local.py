@@ -220,6 +220,7 @@ def test_fetch_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_port_free_and_taken(listening_port: int) -> None:
     assert not port_free(listening_port)
     assert port_free(free_port())
+    assert len(set(free_ports(20))) == 20
 
 
 def test_port_check_reraises_unexpected_errors() -> None:
@@ -305,6 +306,11 @@ def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     # Ignores SIGTERM, like a JVM stuck in shutdown; bash keeps "kafka.Kafka" in its argv.
     stubborn = _script(tmp_path / "stubborn", "trap '' TERM; sleep 30")
     proc = subprocess.Popen([str(stubborn), "kafka.Kafka"], start_new_session=True)
+    # Until bash has exec'd, /proc shows the forked Python, which is not a broker.
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 5
+    while b"kafka.Kafka" not in cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
     broker.pid_file.write_text(f"{proc.pid}\n")
     assert broker.pid() == proc.pid
     assert broker.status().running

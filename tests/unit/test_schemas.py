@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas import SCHEMA_NAMES, schema_path
 from schemas.models import (
+    BASE64_PATTERN,
     MAX_COALESCED,
     MAX_ID_LEN,
     MAX_LIST_LEN,
@@ -31,6 +32,9 @@ from schemas.models import (
     MAX_TEXT_LEN,
     MAX_TITLE_LEN,
     MAX_TS_MS,
+    MAX_TS_TEXT_LEN,
+    RFC3339_PATTERN,
+    UTC_TIME_PATTERN,
     DeadLetter,
     ErrorCode,
     Event,
@@ -242,6 +246,7 @@ INVALID_FIELDS: dict[str, dict[str, list[Any]]] = {
         "original_b64": ["not base64!", "abc", 5],
         "error": ["nope", None],
         "detail": [None, "d" * (MAX_TEXT_LEN + 1)],
+        "source_topic": ["", 3],
         "source_partition": [-1, "0"],
         "source_offset": [-1, 1.5],
         "failed_at": ["2024-06-01T12:00:00+02:00", "2024-06-01", 0],
@@ -328,6 +333,10 @@ def test_limits_agree() -> None:
     assert rec["items"]["maxItems"] == MAX_SLATE_LEN
     assert rec["coalesced_event_ids"]["maxItems"] == MAX_COALESCED
     assert event["ts"]["oneOf"][0]["maximum"] == MAX_TS_MS
+    assert event["ts"]["oneOf"][1]["pattern"] == RFC3339_PATTERN
+    assert event["ts"]["oneOf"][1]["maxLength"] == MAX_TS_TEXT_LEN
+    assert dlq["original_b64"]["pattern"] == dlq["original_key_b64"]["pattern"] == BASE64_PATTERN
+    assert dlq["failed_at"]["pattern"] == UTC_TIME_PATTERN
 
 
 def test_schema_path_rejects_unknown_names() -> None:
