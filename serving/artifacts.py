@@ -161,7 +161,9 @@ def load_model(directory: Path | str, device: str | torch.device | None = None) 
     try:
         cfg = EncoderConfig.from_dict(config["model"])
     except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"{STAGE}: expected valid model settings in {path / CONFIG}: {exc}") from exc
+        raise ArtifactError(
+            f"{STAGE}: expected valid model settings in {path / CONFIG}: {exc}"
+        ) from exc
     if len(items) != cfg.num_items:
         raise ArtifactError(
             f"{STAGE}: expected {cfg.num_items} ids in {path / ITEMS}, got {len(items)}"

@@ -79,7 +79,7 @@ def open_text(path: Path) -> io.TextIOBase:
         raise FileNotFoundError(f"{STAGE}: expected a data file, found nothing at {path}")
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")  # noqa: SIM115 - the caller closes it
+    return open(path, encoding="utf-8", newline="")
 
 
 def _group(
@@ -152,7 +152,9 @@ def _number(path: Path, lineno: int, field: str, text: str) -> float:
     try:
         return float(text)
     except ValueError as exc:
-        raise DataError(f"{STAGE}: {path}:{lineno}: expected numeric {field}, got {text!r}") from exc
+        raise DataError(
+            f"{STAGE}: {path}:{lineno}: expected numeric {field}, got {text!r}"
+        ) from exc
 
 
 def load_movielens_100k(path: Path) -> Interactions:
@@ -334,7 +336,9 @@ class ItemVocab:
         self.ids: list[str] = list(item_ids)
         self.index: dict[str, int] = {it: i + 1 for i, it in enumerate(self.ids)}
         if len(self.index) != len(self.ids):
-            raise DataError(f"{STAGE}: expected distinct item ids, got {len(self.ids)} with repeats")
+            raise DataError(
+                f"{STAGE}: expected distinct item ids, got {len(self.ids)} with repeats"
+            )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -392,15 +396,17 @@ class EncodedLog:
             for u in data.users
         ]
         self.ts = [
-            np.asarray(u.ts_ms, dtype=np.int64) if u.ts_ms is not None else None
-            for u in data.users
+            np.asarray(u.ts_ms, dtype=np.int64) if u.ts_ms is not None else None for u in data.users
         ]
 
     def prefix(self, user: int, cut: int, keep: int) -> Features:
         """Features of ``users[user]`` steps ``[0, cut)``, last ``keep`` known steps."""
         ts = self.ts[user]
         return sequence_features(
-            self.items[user][:cut], self.types[user][:cut], ts[:cut] if ts is not None else None, keep
+            self.items[user][:cut],
+            self.types[user][:cut],
+            ts[:cut] if ts is not None else None,
+            keep,
         )
 
     def target(self, case: EvalCase) -> int:

@@ -12,7 +12,6 @@ are the same thing for full-length sequences.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
@@ -123,7 +122,7 @@ class _Block(nn.Module):
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
         x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, -1, d)))
-        return x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.ln2(x))))))
+        return x + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(x)))))
 
 
 class SequenceEncoder(nn.Module):
@@ -137,9 +136,7 @@ class SequenceEncoder(nn.Module):
         self.type_emb = (
             nn.Embedding(len(EVENT_TYPES) + 1, cfg.dim, padding_idx=0) if cfg.use_types else None
         )
-        self.gap_emb = (
-            nn.Embedding(GAP_BUCKETS, cfg.dim, padding_idx=0) if cfg.use_time else None
-        )
+        self.gap_emb = nn.Embedding(GAP_BUCKETS, cfg.dim, padding_idx=0) if cfg.use_time else None
         self.emb_ln = nn.LayerNorm(cfg.dim)
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
@@ -148,14 +145,15 @@ class SequenceEncoder(nn.Module):
 
     @staticmethod
     def _init(m: nn.Module) -> None:
+        # Small init (BERT/RecBole style) keeps the first logits near uniform, so the full
+        # softmax starts at log(N) and learns fast; unit-scale init starts overconfident.
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=1.0 / math.sqrt(m.embedding_dim))
-            if m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()
 
     def _embed(self, batch: Batch) -> torch.Tensor:
         items = batch.items

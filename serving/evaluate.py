@@ -150,7 +150,9 @@ def print_reports(reports: dict[str, EvalReport], console: Console | None = None
     """A rich table: one row per named report, one column per metric."""
     console = console or Console()
     first = next(iter(reports.values()))
-    table = Table(title=f"full ranking, split={first.split}, exclude_history={first.exclude_history}")
+    table = Table(
+        title=f"full ranking, split={first.split}, exclude_history={first.exclude_history}"
+    )
     table.add_column("model")
     table.add_column("users", justify="right")
     for key in first.metrics:

@@ -146,8 +146,7 @@ def fit(
     seqs = training_sequences(split, log_, max_len)
     if not seqs:
         raise ValueError(
-            f"{STAGE}: expected users with at least 2 training steps, got none "
-            f"in {split.data.name}"
+            f"{STAGE}: expected users with at least 2 training steps, got none in {split.data.name}"
         )
     rng = np.random.default_rng(cfg.seed)
     opt = optimizer or torch.optim.AdamW(

@@ -191,7 +191,15 @@ def run_stream_bench(
         model_dir = workdir / "model"
         if not (model_dir / "config.json").exists():
             train = write_jsonl(shop.events[: min(len(shop.events), 60000)], workdir / "train.jsonl")
-            _train(console, train, "events", model_dir, 5, workdir / "train.log")
+            _train(
+                console,
+                train,
+                "events",
+                model_dir,
+                10,
+                workdir / "train.log",
+                ("--dim", "64", "--dropout", "0.1", "--patience", "3"),
+            )
         settings = settings.model_copy(update={"model_dir": model_dir.resolve()})
         # Interleave users as live traffic would (make_shop lists them user by user).
         ordered = sorted(shop.events, key=lambda e: e["ts"])

@@ -40,7 +40,15 @@ class DemoError(RuntimeError):
     """The demo could not run a step; the message says which and why."""
 
 
-def _train(console: Console, data: Path, fmt: str, out: Path, epochs: int, log: Path) -> None:
+def _train(
+    console: Console,
+    data: Path,
+    fmt: str,
+    out: Path,
+    epochs: int,
+    log: Path,
+    extra: tuple[str, ...] = (),
+) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -55,6 +63,7 @@ def _train(console: Console, data: Path, fmt: str, out: Path, epochs: int, log: 
         "--epochs",
         str(epochs),
         "--no-progress",
+        *extra,
     ]
     console.print(f"[dim]$ streamrec train --data {data} --format {fmt} --out {out}[/]")
     started = time.perf_counter()
@@ -186,7 +195,16 @@ def _run(
         )
         if model is None:
             model = workdir / "model"
-            _train(console, train_path, "events", model, 20, workdir / "train.log")
+            # Small data, small model: light dropout, narrow embeddings, few epochs.
+            _train(
+                console,
+                train_path,
+                "events",
+                model,
+                25,
+                workdir / "train.log",
+                ("--dim", "32", "--dropout", "0.1", "--patience", "5"),
+            )
     settings = settings.model_copy(update={"model_dir": model.resolve()})
 
     # 3. Worker + replay ---------------------------------------------------------------

@@ -246,6 +246,10 @@ def _tcp_open(port: int, host: str = HOST) -> bool:
 
 def _pid_alive(pid: int) -> bool:
     """True when ``pid`` is a live (not zombie) broker process."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        # Our own child: poll() is exact, and right even before exec() has set its argv.
+        return child.poll() is None
     # Reap it if it is our own exited child, or it would linger as a zombie that kill(0) sees.
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)

@@ -19,8 +19,9 @@ from streamrec.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000
 # Faust table names whose changelogs we pre-create: the Faust app must use exactly these.
-EVENT_TABLES = ("sessions", "seen_events", "last_slates")
-ITEM_TABLES = ("catalog",)
+EVENT_TABLES = ("sessions",)
+# The catalog is read by every worker straight from the compacted items topic (no table).
+ITEM_TABLES: tuple[str, ...] = ()
 COMPACT = {"cleanup.policy": "compact"}
 
 

@@ -72,7 +72,9 @@ def main(
     progress: bool = True,
 ) -> None:
     if dataset not in DATASETS:
-        raise typer.BadParameter(f"bench: expected --dataset in {sorted(DATASETS)}, got {dataset!r}")
+        raise typer.BadParameter(
+            f"bench: expected --dataset in {sorted(DATASETS)}, got {dataset!r}"
+        )
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rel, fmt = DATASETS[dataset]

@@ -78,7 +78,7 @@ class SASRec(nn.Module):
     def hidden(self, batch: Batch) -> torch.Tensor:
         """``(B, T, D)``: state after every step."""
         items = batch.items
-        b, t = items.shape
+        _b, t = items.shape
         pos = torch.arange(t - 1, -1, -1, device=items.device)
         x = self.item_emb(items) * math.sqrt(self.cfg.dim) + self.pos_emb(pos)
         pad = (items > 0).unsqueeze(-1).to(x.dtype)

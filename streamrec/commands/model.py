@@ -68,7 +68,9 @@ def train(
         result, vocab, log_ = train_encoder(split, model_cfg, train_cfg)
     except (DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
-    test = evaluate_split(result.model, split, log_, "test", max_len=max_len) if split.test else None
+    test = (
+        evaluate_split(result.model, split, log_, "test", max_len=max_len) if split.test else None
+    )
     metrics: dict[str, object] = {"best_epoch": result.best_epoch, "train_seconds": result.seconds}
     if result.best_valid is not None:
         metrics["valid"] = result.best_valid.metrics

@@ -57,7 +57,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, shop: SyntheticShop) -> 
     data = load_interactions(write_jsonl(shop.events, root / "events.jsonl"), "events")
     split = leave_one_out(data)
     cfg = EncoderConfig(num_items=len(data.item_ids()), dim=32, dropout=0.1, attn_dropout=0.1)
-    result, _, _ = train_encoder(split, cfg, TrainConfig(epochs=6, progress=False, seed=1))
+    result, _, _ = train_encoder(split, cfg, TrainConfig(epochs=20, progress=False, seed=1))
     save_model(result.model, root / "model", data.item_ids(), dataset="synthetic")
     return root / "model"
 

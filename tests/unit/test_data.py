@@ -116,8 +116,13 @@ def events_file(tmp_path: Path, records: list[object]) -> Path:
 def test_events_ms_and_rfc3339_sorted_and_deduped(tmp_path: Path) -> None:
     recs = [
         {"event_id": "a", "user_id": "u", "item_id": "x", "type": "view", "ts": 2_000},
-        {"event_id": "b", "user_id": "u", "item_id": "y", "type": "purchase",
-         "ts": "1970-01-01T00:00:01Z"},
+        {
+            "event_id": "b",
+            "user_id": "u",
+            "item_id": "y",
+            "type": "purchase",
+            "ts": "1970-01-01T00:00:01Z",
+        },
         {"event_id": "a", "user_id": "u", "item_id": "x", "type": "view", "ts": 2_000},
         "",
     ]
@@ -133,10 +138,20 @@ def test_events_ms_and_rfc3339_sorted_and_deduped(tmp_path: Path) -> None:
     [
         ("{not json", "JSONDecodeError"),
         ({"event_id": "a", "user_id": "u", "item_id": "x", "type": "view"}, "KeyError"),
-        ({"event_id": "a", "user_id": "u", "item_id": "x", "type": "teleport", "ts": 1},
-         "expected type in"),
-        ({"event_id": "a", "user_id": "u", "item_id": "x", "type": "view",
-          "ts": "2024-01-01T00:00:00"}, "naive"),
+        (
+            {"event_id": "a", "user_id": "u", "item_id": "x", "type": "teleport", "ts": 1},
+            "expected type in",
+        ),
+        (
+            {
+                "event_id": "a",
+                "user_id": "u",
+                "item_id": "x",
+                "type": "view",
+                "ts": "2024-01-01T00:00:00",
+            },
+            "naive",
+        ),
     ],
 )
 def test_events_bad_records_name_line(tmp_path: Path, record: object, message: str) -> None:

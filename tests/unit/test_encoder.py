@@ -94,7 +94,8 @@ def test_longer_than_max_len_rejected() -> None:
 
 def test_without_types_and_time() -> None:
     model = small_model(use_types=False, use_time=False)
-    assert model.type_emb is None and model.gap_emb is None
+    assert model.type_emb is None
+    assert model.gap_emb is None
     assert model.user_vectors(collate([feats([1, 2])])).shape == (1, 16)
 
 
@@ -124,8 +125,14 @@ def test_softmax_losses_are_finite(negatives: int) -> None:
 
 def test_training_learns_tiny_walk(tiny_log: Interactions) -> None:
     split = leave_one_out(tiny_log)
-    cfg = EncoderConfig(num_items=len(tiny_log.item_ids()), dim=16, heads=1, max_len=8,
-                        dropout=0.0, attn_dropout=0.0)
+    cfg = EncoderConfig(
+        num_items=len(tiny_log.item_ids()),
+        dim=16,
+        heads=1,
+        max_len=8,
+        dropout=0.0,
+        attn_dropout=0.0,
+    )
     result, vocab, _ = train_encoder(
         split, cfg, TrainConfig(epochs=20, batch_size=16, lr=1e-2, patience=20, progress=False)
     )

@@ -107,9 +107,26 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     runner = CliRunner()
     data = write_events(tmp_path / "events.jsonl")
     model = tmp_path / "model"
-    train_args = ["train", "--data", str(data), "--format", "events", "--out", str(model),
-                  "--epochs", "2", "--dim", "8", "--heads", "1", "--max-len", "6",
-                  "--device", "cpu", "--no-progress"]
+    train_args = [
+        "train",
+        "--data",
+        str(data),
+        "--format",
+        "events",
+        "--out",
+        str(model),
+        "--epochs",
+        "2",
+        "--dim",
+        "8",
+        "--heads",
+        "1",
+        "--max-len",
+        "6",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     result = runner.invoke(app, train_args)
     assert result.exit_code == 0, result.output
     assert (model / "model.safetensors").is_file()
@@ -119,8 +136,21 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     assert set(config["metrics"]["test"]) >= {"HR@10", "NDCG@10"}
 
     out = tmp_path / "report.json"
-    eval_args = ["evaluate", "--model", str(model), "--data", str(data), "--format", "events",
-                 "--json", str(out), "--split", "valid", "--device", "cpu"]
+    eval_args = [
+        "evaluate",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--format",
+        "events",
+        "--json",
+        str(out),
+        "--split",
+        "valid",
+        "--device",
+        "cpu",
+    ]
     result = runner.invoke(app, eval_args)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -139,14 +169,24 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "expected format in" in result.output
     result = runner.invoke(
-        app, ["evaluate", "--model", str(tmp_path / "none"), "--data", str(data),
-              "--format", "events"]
+        app,
+        ["evaluate", "--model", str(tmp_path / "none"), "--data", str(data), "--format", "events"],
     )
     assert result.exit_code == 2
     assert "expected a model directory" in result.output
     result = runner.invoke(
-        app, ["evaluate", "--model", str(tmp_path), "--data", str(data), "--format", "events",
-              "--split", "train"]
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path),
+            "--data",
+            str(data),
+            "--format",
+            "events",
+            "--split",
+            "train",
+        ],
     )
     assert result.exit_code == 2
     assert "expected --split test or valid" in result.output

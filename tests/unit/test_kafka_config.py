@@ -217,9 +217,6 @@ def test_design_topics_layout() -> None:
         "streamrec.events.dlq",
         "streamrec.control",
         "recs-sessions-changelog",
-        "recs-seen_events-changelog",
-        "recs-last_slates-changelog",
-        "recs-catalog-changelog",
         "recs-__assignor-__leader",
     }
     assert specs["streamrec.events"].config == {
@@ -232,9 +229,6 @@ def test_design_topics_layout() -> None:
         "streamrec.items",
         "streamrec.control",
         "recs-sessions-changelog",
-        "recs-seen_events-changelog",
-        "recs-last_slates-changelog",
-        "recs-catalog-changelog",
     }
     single = {n for n, s in specs.items() if s.partitions == 1}
     assert single == {"streamrec.control", "recs-__assignor-__leader"}
@@ -245,7 +239,7 @@ def test_design_topics_layout() -> None:
 
 def test_design_topics_partitions_override() -> None:
     specs = design_topics(load_settings(), partitions=3)
-    assert {s.name: s.partitions for s in specs}["streamrec-catalog-changelog"] == 3
+    assert {s.name: s.partitions for s in specs}["streamrec-sessions-changelog"] == 3
     with pytest.raises(ValueError, match="partitions must be >= 1, got 0"):
         design_topics(load_settings(), partitions=0)
 

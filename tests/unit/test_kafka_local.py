@@ -304,12 +304,11 @@ def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     broker = LocalKafka(tmp_path / "k", port=port, controller_port=cport)
     broker.base_dir.mkdir(parents=True)
     # Ignores SIGTERM, like a JVM stuck in shutdown; bash keeps "kafka.Kafka" in its argv.
-    stubborn = _script(tmp_path / "stubborn", "trap '' TERM; sleep 30")
+    ready = tmp_path / "ready"
+    stubborn = _script(tmp_path / "stubborn", f"trap '' TERM; touch {ready}; sleep 30")
     proc = subprocess.Popen([str(stubborn), "kafka.Kafka"], start_new_session=True)
-    # Until bash has exec'd, /proc shows the forked Python, which is not a broker.
-    cmdline = Path(f"/proc/{proc.pid}/cmdline")
-    deadline = time.monotonic() + 5
-    while b"kafka.Kafka" not in cmdline.read_bytes() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10
+    while not ready.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     broker.pid_file.write_text(f"{proc.pid}\n")
     assert broker.pid() == proc.pid
