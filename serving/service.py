@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+
 import numpy as np
 
 from schemas.models import Item
@@ -62,9 +63,7 @@ class Recommender:
             encoder, self.catalog, self.settings, on_stage=self._on_stage
         )
         # Items the catalog already retired or marked unavailable stay out of the new index.
-        blocked = [
-            i for i in encoder.item_ids() if not self.catalog.is_available([i])[0]
-        ]
+        blocked = [i for i in encoder.item_ids() if not self.catalog.is_available([i])[0]]
         if blocked:
             pipeline.index.remove(blocked)
         return pipeline

@@ -53,9 +53,7 @@ class SessionState:
         purchased = self.purchased
         if step.type == "purchase" and step.item not in purchased:
             purchased = (*purchased, step.item)[-MAX_PURCHASED:]
-        recent = (*self.recent_events, (event_fingerprint(event_id), step.ts_ms))[
-            -MAX_EVENT_IDS:
-        ]
+        recent = (*self.recent_events, (event_fingerprint(event_id), step.ts_ms))[-MAX_EVENT_IDS:]
         return replace(
             self,
             history=history,

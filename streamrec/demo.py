@@ -75,7 +75,9 @@ def _train(
     console.print(f"  trained in {time.perf_counter() - started:.0f} s -> {out}")
 
 
-def _with_noise(events: list[dict[str, Any]], seed: int = 7) -> Iterator[tuple[bytes | None, bytes]]:
+def _with_noise(
+    events: list[dict[str, Any]], seed: int = 7
+) -> Iterator[tuple[bytes | None, bytes | None]]:
     """The replay stream with ~1% malformed messages and ~1% redelivered duplicates."""
     rng = random.Random(seed)
     bad: list[bytes | None] = [

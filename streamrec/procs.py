@@ -76,7 +76,7 @@ class WorkerProcess:
                     f"last log lines:\n{self.tail()}"
                 )
             try:
-                with urlopen(self.metrics_url, timeout=1):  # noqa: S310 - local URL
+                with urlopen(self.metrics_url, timeout=1):
                     return
             except (URLError, OSError):
                 time.sleep(0.2)

@@ -160,11 +160,12 @@ class OutputCollector:
         try:
             while not self._stop.is_set():
                 for msg in consumer.consume(num_messages=1000, timeout=0.1):
-                    if msg.error() is not None:
-                        if msg.error().code() != KafkaError._PARTITION_EOF:
-                            raise RuntimeError(f"collector: {msg.error()}")
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            raise RuntimeError(f"collector: {err}")
                         continue
-                    self._record(msg.topic(), msg.value())
+                    self._record(msg.topic() or "", msg.value() or b"{}")
         finally:
             consumer.close()
 
@@ -198,7 +199,7 @@ def scrape_metrics(url: str, timeout: float = 5.0) -> dict[str, float]:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urlopen(url, timeout=timeout) as resp:  # noqa: S310 - local worker URL
+    with urlopen(url, timeout=timeout) as resp:
         text = resp.read().decode()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -104,7 +105,10 @@ class StreamWorker:
 
         async def process(stream: faust.StreamT) -> None:
             handle = self.forward_batch if self.passthrough else self.handle_batch
-            async for batch in stream.take_events(s.batch_size, within=s.batch_within_s):
+            # take_events (not take): the batch keeps each message's topic/partition/offset
+            # for the DLQ and the event to route table writes by.
+            batches = stream.take_events(s.batch_size, within=s.batch_within_s)  # type: ignore[attr-defined]
+            async for batch in batches:
                 await handle(batch)
 
         app.agent(events, name="streamrec.events")(process)
@@ -124,7 +128,8 @@ class StreamWorker:
             if tp.topic != self.settings.topic_events:
                 continue
             highwater = consumer.highwater(tp)
-            committed = consumer._committed_offset.get(tp)  # noqa: SLF001 - no public getter
+            # Faust has no public getter for the committed offset of a partition.
+            committed = consumer._committed_offset.get(tp)  # type: ignore[attr-defined]
             if highwater is None:
                 continue
             lag = highwater - (committed or 0)
@@ -161,7 +166,7 @@ class StreamWorker:
             return
         histories = prepared.histories
         loop = asyncio.get_running_loop()
-        slates: list[SlateResult] | None = None
+        slates: Sequence[SlateResult] | None = None
         error: BaseException | None = None
         try:
             slates = await loop.run_in_executor(

@@ -24,6 +24,7 @@ from streamrec.settings import Settings
 
 log = logging.getLogger("streamrec.feeds")
 
+
 class _BroadcastFeed:
     """Reads every partition of one topic from the beginning, in a daemon thread."""
 
@@ -39,7 +40,9 @@ class _BroadcastFeed:
         self.caught_up = threading.Event()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"streamrec-{self.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"streamrec-{self.name}", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -80,16 +83,17 @@ class _BroadcastFeed:
                 msgs = consumer.consume(num_messages=500, timeout=0.2)
                 for msg in msgs:
                     err = msg.error()
+                    partition, offset = msg.partition() or 0, msg.offset() or 0
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
-                            at_eof.add(msg.partition())
+                            at_eof.add(partition)
                             if len(at_eof) == len(parts) and not self.caught_up.is_set():
                                 self.caught_up.set()
                                 log.info("feed %s caught up", self.name)
                             continue
                         log.warning("feed %s: %s", self.name, err)
                         continue
-                    self.handle(msg.key(), msg.value(), msg.partition(), msg.offset())
+                    self.handle(msg.key(), msg.value(), partition, offset)
         finally:
             consumer.close()
 
@@ -112,9 +116,7 @@ class CatalogFeed(_BroadcastFeed):
             item = decode_item(value, key, self.limits)
         except DecodeError as exc:
             self.metrics.items_rejected.labels(reason=exc.code).inc()
-            log.warning(
-                "items %d@%d rejected (%s): %s", partition, offset, exc.code, exc.detail
-            )
+            log.warning("items %d@%d rejected (%s): %s", partition, offset, exc.code, exc.detail)
             return
         if item is None:
             if key is None:
@@ -145,13 +147,18 @@ class ControlFeed(_BroadcastFeed):
             notice = json.loads(value)
             model_dir = str(notice["model_dir"])
         except (ValueError, KeyError, TypeError) as exc:
-            log.warning("control %d@%d ignored: expected {\"model_dir\": PATH}: %s", partition, offset, exc)
+            log.warning(
+                'control %d@%d ignored: expected {"model_dir": PATH}: %s', partition, offset, exc
+            )
             return
         try:
             changed = self.recommender.swap_model(model_dir)
         except Exception:
-            log.exception("model hot swap to %s failed; still serving %s", model_dir,
-                          self.recommender.model_version)
+            log.exception(
+                "model hot swap to %s failed; still serving %s",
+                model_dir,
+                self.recommender.model_version,
+            )
             return
         if changed:
             self.metrics.model_swaps.inc()

@@ -160,9 +160,7 @@ class EventBatchHandler:
             step = Step(event.item_id, event.type.value, event.ts)
             state = state.apply(event.event_id, step, self.max_len)
             if user is None:
-                user = prepared.users[event.user_id] = UserBatch(
-                    event.user_id, [], state, msg.ref
-                )
+                user = prepared.users[event.user_id] = UserBatch(event.user_id, [], state, msg.ref)
             user.events.append(event)
             user.state = state
             user.last_ref = msg.ref

@@ -246,8 +246,9 @@ def test_restart_recovers_sessions_from_the_changelog(
     ensure_topics(s, design_topics(s))
     _publish_items(s, shop)
     users = [f"user-{u}" for u in range(5)]
-    first = [e for e in shop.events if e["user_id"] in users and int(e["event_id"].split("e")[-1]) < 10]
-    later = [e for e in shop.events if e["user_id"] in users and int(e["event_id"].split("e")[-1]) == 10]
+    mine = [e for e in shop.events if e["user_id"] in users]
+    first = [e for e in mine if int(e["event_id"].split("-e")[-1]) < 10]
+    later = [e for e in mine if int(e["event_id"].split("-e")[-1]) == 10]
     producer = make_producer(s)
     sent_first = list(event_records(first))
     with WorkerProcess(s, s.data_dir.parent / "w1.log") as worker:
