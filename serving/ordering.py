@@ -35,6 +35,28 @@ def _check(relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float)
         raise ValueError(f"{STAGE}: expected k >= 0 and diversity in [0, 1], got {k}, {diversity}")
 
 
+def _shared_categories(cats: np.ndarray) -> np.ndarray:
+    """|cats_i ∩ cats_j| for every candidate pair: (B, C, M) ids (-1 padding, distinct per
+    candidate) -> (B, C, C) float64.
+
+    Category ids are renumbered per row to 0..K-1 (K <= C*M), so a one-hot (B, C, K) and one
+    batched matmul count the overlaps whatever the size of the catalogue's category space.
+    """
+    b, c, _ = cats.shape
+    valid = cats >= 0
+    bi, ci, mi = np.nonzero(valid)
+    if len(bi) == 0:
+        return np.zeros((b, c, c))
+    span = int(cats.max()) + 1
+    keys = bi.astype(np.int64) * span + cats[bi, ci, mi]
+    uniq, inv = np.unique(keys, return_inverse=True)
+    row_of = uniq // span
+    local = np.arange(len(uniq)) - np.searchsorted(row_of, row_of, side="left")
+    onehot = np.zeros((b, c, int(local.max()) + 1))
+    onehot[bi, ci, local[inv]] = 1.0
+    return np.matmul(onehot, onehot.transpose(0, 2, 1))
+
+
 def mmr(
     relevance: np.ndarray,
     vectors: np.ndarray,
@@ -73,6 +95,17 @@ def mmr(
         if cats.shape[:2] != (b, c) or cats.ndim != 3:
             raise ValueError(f"{STAGE}: expected categories (B, C, M), got {cats.shape}")
         n_cats = (cats >= 0).sum(axis=2)
+    # All pairwise similarities once, (B, C, C): each greedy step is then a gather. C is the
+    # MMR pool (tens of candidates), so this is cheaper than recomputing per step.
+    sim_all = np.matmul(unit, unit.transpose(0, 2, 1))
+    if cats is not None:
+        inter = _shared_categories(cats)  # (B, C, C)
+        union = n_cats[:, :, None] + n_cats[:, None, :] - inter
+        known = (n_cats[:, :, None] > 0) & (n_cats[:, None, :] > 0)
+        jac = inter / np.where(union > 0, union, 1)
+        sim_all = np.where(
+            known, (1.0 - category_weight) * sim_all + category_weight * jac, sim_all
+        )
     max_sim = np.zeros((b, c))
     batch = np.arange(b)
     for t in range(min(k, c)):
@@ -84,16 +117,7 @@ def mmr(
             break
         out[:, t] = np.where(ok, pick, -1)
         avail[batch[ok], pick[ok]] = False
-        sim = np.matmul(unit, unit[batch, pick][:, :, None])[:, :, 0]
-        if cats is not None:
-            picked = cats[batch, pick]  # (B, M)
-            match = (cats[:, :, :, None] == picked[:, None, None, :]) & (cats[:, :, :, None] >= 0)
-            inter = match.any(axis=3).sum(axis=2)
-            n_pick = n_cats[batch, pick][:, None]
-            union = n_cats + n_pick - inter
-            known = (n_cats > 0) & (n_pick > 0)
-            jac = inter / np.where(union > 0, union, 1)
-            sim = np.where(known, (1.0 - category_weight) * sim + category_weight * jac, sim)
+        sim = sim_all[batch, :, pick]  # (B, C): similarity of every candidate to the pick
         max_sim = np.where(ok[:, None], np.maximum(max_sim, sim) if t else sim, max_sim)
     return out
 

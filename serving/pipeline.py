@@ -226,7 +226,10 @@ class OrderStage:
         slate_size: int,
         diversity: float,
         category_weight: float = 0.5,
+        pool: int = 50,
     ) -> None:
+        """pool: MMR considers only the ``pool`` best-scored candidates (>= slate_size)."""
+        self.pool = pool
         self.index, self.catalog_rows = index, rows
         self.slate_size, self.diversity, self.category_weight = (
             slate_size,
@@ -240,7 +243,12 @@ class OrderStage:
             order = np.argsort(-cands.scores, axis=1, kind="stable")[:, : self.slate_size]
             pos = np.where(np.take_along_axis(cands.valid, order, axis=1), order, -1)
             return Ordered(cands, pos.astype(np.int64))
-        rows, rel = cands.rows, cands.scores
+        # MMR only ever picks among the best few: run it on the top ``pool`` by score (its
+        # cost grows with candidates x slate size), then map picks back to candidate positions.
+        pool = min(cands.scores.shape[1], max(self.pool, self.slate_size))
+        top = np.argsort(-cands.scores, axis=1, kind="stable")[:, :pool]
+        rows = np.take_along_axis(cands.rows, top, axis=1)
+        rel = np.take_along_axis(cands.scores, top, axis=1)
         vectors = self.index.vectors_of_rows(rows)
         cats = self.catalog_rows.categories_of(rows) if self.catalog_rows is not None else None
         picks = mmr(
@@ -251,7 +259,8 @@ class OrderStage:
             categories=cats,
             category_weight=self.category_weight,
         )
-        return Ordered(cands, picks)
+        positions = np.where(picks >= 0, np.take_along_axis(top, np.maximum(picks, 0), 1), -1)
+        return Ordered(cands, positions.astype(np.int64))
 
 
 class PipelineSettings(Protocol):
@@ -287,6 +296,7 @@ class Pipeline:
         reranker: Reranker | None = None,
         fallback_vector: np.ndarray | None = None,
         on_stage: StageCallback | None = None,
+        mmr_pool: int = 50,
     ) -> None:
         if encoder.dim != index.dim:
             raise ValueError(
@@ -315,7 +325,12 @@ class Pipeline:
         )
         self.rerank = RerankStage(reranker or RetrievalScoreReranker())
         self.order = OrderStage(
-            index, rows, slate_size=slate_size, diversity=diversity, category_weight=category_weight
+            index,
+            rows,
+            slate_size=slate_size,
+            diversity=diversity,
+            category_weight=category_weight,
+            pool=mmr_pool,
         )
 
     @classmethod

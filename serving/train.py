@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     progress: bool = True
+    max_minutes: float | None = None  # wall-clock budget, checked as each epoch starts
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -157,8 +158,12 @@ def fit(
     best_state = copy.deepcopy(model.state_dict())
     history: list[dict[str, float]] = []
     bad_evals, epoch = 0, 0
+    started = time.perf_counter()
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not cfg.progress, leave=True)
     for epoch in bar:
+        out_of_time = (
+            cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
+        )
         model.train()
         total, count = 0.0, 0
         for batch, targets in iterate_batches(seqs, cfg.batch_size, rng):
@@ -169,7 +174,8 @@ def fit(
             total += float(loss.detach())
             count += 1
         row = {"epoch": float(epoch), "loss": total / max(count, 1)}
-        if split.valid and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+        last = epoch == cfg.epochs or out_of_time
+        if split.valid and (epoch % cfg.eval_every == 0 or last):
             rep = evaluate_split(scorer, split, log_, "valid", max_len=max_len)
             score = rep.metrics["NDCG@10"]
             row["valid_ndcg10"] = score
@@ -187,6 +193,11 @@ def fit(
         )
         log.info("%s epoch %d %s", desc, epoch, row)
         if bad_evals >= cfg.patience:
+            break
+        if out_of_time:
+            log.warning(
+                "%s: time budget of %s min spent after epoch %d", desc, cfg.max_minutes, epoch
+            )
             break
     if not split.valid:
         best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())

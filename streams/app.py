@@ -85,6 +85,10 @@ class StreamWorker:
             web_enabled=False,
             consumer_auto_offset_reset="earliest",
             producer_max_request_size=max(1_048_576, 4 * s.max_message_bytes),
+            # Let slates and changelog writes of one batch travel in few produce requests.
+            producer_linger=0.005,
+            producer_max_batch_size=256 * 1024,
+            producer_compression_type="lz4",
             stream_wait_empty=False,
             broker_commit_interval=1.0,
             # Table keys (user ids) and values (session dicts) go through JSON, so both come
@@ -137,13 +141,15 @@ class StreamWorker:
                 max(0, lag)
             )
 
-    def _get_state(self, user_id: str) -> SessionState:
+    def _get_state(self, user_id: str, ref: Any) -> SessionState:
+        # The RocksDB store reads from the partition of the *current* event: set it first.
+        _use_event(ref)
         return SessionState.from_json(self.sessions.get(user_id))
 
     async def forward_batch(self, batch: list[EventT]) -> None:
         self.metrics.batch_size.observe(len(batch))
         for ev in batch:
-            await self.recs_topic.send(key=ev.message.key, value=ev.message.value)
+            self.recs_topic.send_soon(key=ev.message.key, value=ev.message.value)  # type: ignore[attr-defined]
         self.metrics.recommendations_produced.inc(len(batch))
 
     async def handle_batch(self, batch: list[EventT]) -> None:
@@ -190,5 +196,7 @@ class StreamWorker:
 
     @staticmethod
     async def _send_all(topic: faust.TopicT, messages: list[OutMessage]) -> None:
+        # send_soon appends to the producer buffer without a round trip per message; the
+        # buffer is flushed before offsets are committed, so at-least-once still holds.
         for m in messages:
-            await topic.send(key=m.key, value=m.value)
+            topic.send_soon(key=m.key, value=m.value)  # type: ignore[attr-defined]

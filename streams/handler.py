@@ -129,9 +129,12 @@ class EventBatchHandler:
         self.metrics.events_rejected.labels(reason=code).inc()
 
     def prepare(
-        self, batch: Sequence[InMessage], get_state: Callable[[str], SessionState]
+        self, batch: Sequence[InMessage], get_state: Callable[[str, Any], SessionState]
     ) -> Prepared:
-        """Decode, validate, dedupe and apply each message to its user's session."""
+        """Decode, validate, dedupe and apply each message to its user's session.
+
+        ``get_state(user_id, ref)`` reads the stored session; ``ref`` is the message's
+        transport handle (the store may need it to find the partition)."""
         prepared = Prepared()
         now_ms = self.clock_ms()
         for msg in batch:
@@ -151,7 +154,7 @@ class EventBatchHandler:
                 )
                 continue
             user = prepared.users.get(event.user_id)
-            state = user.state if user is not None else get_state(event.user_id)
+            state = user.state if user is not None else get_state(event.user_id, msg.ref)
             if state.is_duplicate(event.event_id, event.ts, self.dedupe_window_ms):
                 prepared.duplicates += 1
                 self.metrics.events_duplicate.inc()

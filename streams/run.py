@@ -34,10 +34,16 @@ def build_worker(
             "no model: set STREAMREC_MODEL_DIR to a directory written by `streamrec train` "
             "(or run `streamrec demo`, which trains a small one)"
         )
-    if settings.torch_threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(settings.torch_threads)
+    # Leave a core to the event loop (decode, tables, sends) unless told otherwise.
+    threads = settings.torch_threads or max(1, min(4, (os.cpu_count() or 2) - 1))
+    torch.set_num_threads(threads)
+    import faiss
+
+    # Searches run batched from the one model thread; OpenMP fan-out on top of torch's
+    # threads only oversubscribes the cores.
+    faiss.omp_set_num_threads(threads)
     recommender = Recommender.load(settings, metrics)
     worker = StreamWorker(settings, recommender, metrics)
     worker.feeds = [

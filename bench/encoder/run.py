@@ -68,6 +68,8 @@ def main(
     threads: int = 2,
     device: str = "auto",
     model_out: Annotated[Path | None, typer.Option(help="also keep our artifact here")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="training budget per model")] = None,
+    peer_max_minutes: float | None = None,
     skip_peer: bool = False,
     progress: bool = True,
 ) -> None:
@@ -103,6 +105,7 @@ def main(
         patience=patience,
         eval_every=eval_every,
         negatives=negatives,
+        max_minutes=max_minutes,
         seed=seed,
         device=device,
         progress=progress,
@@ -147,7 +150,9 @@ def main(
 
     if not skip_peer:
         peer_cfg = SASRecConfig(num_items=len(vocab), max_len=max_len)
-        peer_train = replace(train_cfg, epochs=peer_epochs, batch_size=128)
+        peer_train = replace(
+            train_cfg, epochs=peer_epochs, batch_size=128, max_minutes=peer_max_minutes
+        )
         seed_everything(seed)
         peer = SASRec(peer_cfg).to(resolve_device(device))
         opt = torch.optim.Adam(peer.parameters(), lr=1e-3, betas=(0.9, 0.98))

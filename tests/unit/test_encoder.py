@@ -171,3 +171,13 @@ def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="CUDA is absent"):
         resolve_device("cuda")
+
+
+def test_time_budget_stops_after_one_epoch(tiny_log: Interactions) -> None:
+    split = leave_one_out(tiny_log)
+    cfg = EncoderConfig(num_items=len(tiny_log.item_ids()), dim=8, heads=1, max_len=6)
+    result, _, _ = train_encoder(
+        split, cfg, TrainConfig(epochs=50, eval_every=10, max_minutes=0.0, progress=False)
+    )
+    assert result.epochs_run == 1
+    assert result.best_valid is not None  # the last epoch is always evaluated

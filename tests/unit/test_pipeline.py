@@ -151,10 +151,26 @@ def test_diversity_reaches_more_categories(world: tuple[MeanEncoder, Catalog]) -
     history = steps(["c3-1", "c3-2", "c4-1"])
     cats = []
     for div in (0.0, 0.9):
-        pipe = Pipeline.from_encoder(encoder, catalog, slate_size=10, diversity=div)
+        pipe = Pipeline.from_encoder(encoder, catalog, slate_size=10, diversity=div, mmr_pool=200)
         slate = pipe.recommend([SlateRequest("u", history)])[0]
         cats.append({cluster_of(i) for i in slate.item_ids})
     assert len(cats[1]) > len(cats[0])
+
+
+def test_mmr_pool_limits_reordering_to_the_best_candidates(
+    world: tuple[MeanEncoder, Catalog],
+) -> None:
+    encoder, catalog = world
+    history = steps(["c3-1", "c3-2", "c4-1"])
+    pure = Pipeline.from_encoder(encoder, catalog, slate_size=10, diversity=0.0, mmr_pool=12)
+    pooled = Pipeline.from_encoder(encoder, catalog, slate_size=10, diversity=0.9, mmr_pool=12)
+    best12 = Pipeline.from_encoder(encoder, catalog, slate_size=12, diversity=0.0)
+    req = [SlateRequest("u", history)]
+    allowed = set(best12.recommend(req)[0].item_ids)
+    slate = pooled.recommend(req)[0].item_ids
+    assert len(slate) == 10
+    assert set(slate) <= allowed
+    assert slate[0] == pure.recommend(req)[0].item_ids[0]
 
 
 class Reversed:
