@@ -149,7 +149,7 @@ class StreamWorker:
     async def forward_batch(self, batch: list[EventT]) -> None:
         self.metrics.batch_size.observe(len(batch))
         for ev in batch:
-            self.recs_topic.send_soon(key=ev.message.key, value=ev.message.value)  # type: ignore[attr-defined]
+            self.recs_topic.send_soon(key=ev.message.key, value=ev.message.value)
         self.metrics.recommendations_produced.inc(len(batch))
 
     async def handle_batch(self, batch: list[EventT]) -> None:
@@ -199,4 +199,4 @@ class StreamWorker:
         # send_soon appends to the producer buffer without a round trip per message; the
         # buffer is flushed before offsets are committed, so at-least-once still holds.
         for m in messages:
-            topic.send_soon(key=m.key, value=m.value)  # type: ignore[attr-defined]
+            topic.send_soon(key=m.key, value=m.value)
