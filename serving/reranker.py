@@ -826,25 +826,30 @@ def training_cases(split: LeaveOneOut, prefixes: int) -> list[tuple[int, int]]:
 
 
 @torch.inference_mode()
+def score_logged(
+    net: RerankerNet, logged: LoggedCandidates, *, batch_size: int = 512
+) -> np.ndarray:
+    """``(n, C) float32`` reranker scores of logged candidates; -inf where ``cand == 0``."""
+    was = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    out = np.empty(logged.cand.shape, dtype=np.float32)
+    for start in range(0, len(logged), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(logged)))
+        out[idx] = net(logged.inputs(idx, device))[0].float().cpu().numpy()
+    net.train(was)
+    return np.where(logged.cand > 0, out, -np.inf).astype(np.float32)
+
+
 def rerank_ranks(
     net: RerankerNet, logged: LoggedCandidates, *, batch_size: int = 512
 ) -> np.ndarray:
     """``(n,) int64`` 0-based rank of the target under the reranker; MISS when not retrieved."""
-    was = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    ranks = np.full(len(logged), MISS, dtype=np.int64)
-    for start in range(0, len(logged), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(logged)))
-        pos = logged.target_pos[idx]
-        scores = net(logged.inputs(idx, device))[0]
-        scores = scores.masked_fill(torch.from_numpy(logged.cand[idx]).to(device) <= 0, -torch.inf)
-        p = torch.from_numpy(np.maximum(pos, 0)).to(device)
-        tgt = scores.gather(1, p[:, None])
-        r = (scores > tgt).sum(dim=1).cpu().numpy()
-        ranks[idx] = np.where(pos >= 0, r, MISS)
-    net.train(was)
-    return ranks
+    scores = score_logged(net, logged, batch_size=batch_size)
+    pos = logged.target_pos
+    tgt = scores[np.arange(len(pos)), np.maximum(pos, 0)]
+    ranks = (scores > tgt[:, None]).sum(axis=1)
+    return np.where(pos >= 0, ranks, MISS).astype(np.int64)
 
 
 def retrieval_ranks(logged: LoggedCandidates) -> np.ndarray:

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from serving.artifacts import save_model
+from serving.data import leave_one_out, load_interactions
+from serving.encoder import EncoderConfig
+from serving.synthetic import SyntheticShop, make_shop, write_jsonl
+from serving.train import TrainConfig, train_encoder
 from streamrec.kafka_local import REPO_ROOT, LocalKafka, free_ports
 from streamrec.settings import Settings, load_settings
 
@@ -84,3 +89,20 @@ def make_settings(kafka_bootstrap: str, unique: str, tmp_path: Path) -> Callable
         return load_settings(**values)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shop() -> SyntheticShop:
+    return make_shop(n_items=240, n_users=300, events_per_user=25, seed=5)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, shop: SyntheticShop) -> Path:
+    """A small encoder trained on the synthetic shop (a few seconds on CPU)."""
+    root = tmp_path_factory.mktemp("model")
+    data = load_interactions(write_jsonl(shop.events, root / "events.jsonl"), "events")
+    split = leave_one_out(data)
+    cfg = EncoderConfig(num_items=len(data.item_ids()), dim=32, dropout=0.1, attn_dropout=0.1)
+    result, _, _ = train_encoder(split, cfg, TrainConfig(epochs=20, progress=False, seed=1))
+    save_model(result.model, root / "model", data.item_ids(), dataset="synthetic")
+    return root / "model"
