@@ -737,7 +737,7 @@ class LoggedCandidates:
         ).to(device)
 
 
-class _Encoder(Protocol):
+class EncoderLike(Protocol):
     """What candidate logging needs from a loaded encoder (``LoadedEncoder`` has it)."""
 
     model: SequenceEncoder
@@ -753,7 +753,7 @@ class _Encoder(Protocol):
 
 @torch.inference_mode()
 def log_candidates(
-    encoder: _Encoder,
+    encoder: EncoderLike,
     log_: EncodedLog,
     cases: Sequence[tuple[int, int]],
     *,
@@ -869,7 +869,7 @@ class RerankTrainResult:
 
 
 def train_reranker(
-    encoder: _Encoder,
+    encoder: EncoderLike,
     split: LeaveOneOut,
     cfg: RerankTrainConfig | None = None,
     *,

@@ -1,0 +1,294 @@
+"""Slate evaluation: retrieval-only vs retrieval + rerank vs + diversity, on the same candidates.
+
+Protocol (leave-one-out, the split ``serving.evaluate`` uses):
+
+- ``retrieval_full``: the encoder's full-ranking HR/NDCG@{5,10,20} over every item.
+- The encoder's top-C items (by dot product) are the candidates of every other row. A target
+  outside them is a miss for every method, so the rows differ only in how they order the same C.
+- ``retrieval``: the top-k by retrieval score (equals the full ranking's top-k whenever C >= k).
+- ``rerank``: the top-k by the reranker's score.
+- ``curve``: MMR (``serving.ordering.mmr``, cosine of the encoder's item vectors) over the
+  rerank (or retrieval) scores for each diversity weight of a grid.
+
+Per slate: HR@k, NDCG@k (one relevant item, IDCG = 1), intra-list diversity (mean pairwise
+cosine distance of the encoder's item vectors, ``serving.ordering.intra_list_diversity``) and
+catalogue coverage (share of items appearing in any slate). History items are not excluded,
+as in ``serving.evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.data import EncodedLog, LeaveOneOut
+from serving.evaluate import evaluate_split
+from serving.ordering import coverage, intra_list_diversity, mmr
+from serving.reranker import (
+    MISS,
+    EncoderLike,
+    LoggedCandidates,
+    TransformerReranker,
+    log_candidates,
+    score_logged,
+)
+
+STAGE = "slate-eval"
+STAGES: tuple[str, ...] = ("retrieval", "rerank", "full")
+DIVERSITY_GRID: tuple[float, ...] = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 21))
+
+
+def slate_ranks(slates: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``(U,) int64`` 0-based position of ``targets (U,)`` in ``slates (U, S)``, MISS if absent.
+
+    ``slates`` hold item indices with -1 padding; a target <= 0 (unknown item) is a miss.
+    """
+    slates, targets = np.asarray(slates), np.asarray(targets)
+    if slates.ndim != 2 or targets.shape != (len(slates),):
+        raise ValueError(
+            f"{STAGE}: expected slates (U, S) and targets (U,), got {slates.shape} "
+            f"and {targets.shape}"
+        )
+    hit = (slates == targets[:, None]) & (targets[:, None] > 0)
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), MISS).astype(np.int64)
+
+
+def slate_metrics(
+    slates: np.ndarray, targets: np.ndarray, item_vectors: np.ndarray, k: int = 10
+) -> dict[str, float]:
+    """HR@k, NDCG@k, ILD@k and coverage@k of ``slates (U, >=k) int64`` (item indices, -1 pad).
+
+    ``item_vectors (N + 1, D)`` are indexed by item index (row 0 = padding); coverage is over
+    the N real items. Slates shorter than k items score ILD over the items they have.
+    """
+    slates = np.asarray(slates)
+    if slates.ndim != 2 or slates.shape[1] < k or k < 1:
+        raise ValueError(f"{STAGE}: expected slates (U, >= {k}) and k >= 1, got {slates.shape}")
+    if len(slates) == 0:
+        raise ValueError(f"{STAGE}: expected at least one slate, got none")
+    top = slates[:, :k]
+    ranks = slate_ranks(top, targets)
+    hit = ranks < k
+    gains = np.where(hit, 1.0 / np.log2(np.minimum(ranks, k) + 2.0), 0.0)
+    vecs = np.asarray(item_vectors)[np.maximum(top, 0)]
+    vecs = np.where((top >= 0)[:, :, None], vecs, 0.0)
+    ild = np.asarray(intra_list_diversity(vecs), dtype=np.float64)
+    full = (top >= 0).all(axis=1)
+    return {
+        f"HR@{k}": float(hit.mean()),
+        f"NDCG@{k}": float(gains.mean()),
+        f"ILD@{k}": float(ild[full].mean()) if full.any() else 0.0,
+        f"coverage@{k}": coverage(top.tolist(), len(item_vectors) - 1),
+    }
+
+
+def top_k(cand: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """``(U, k)`` items of ``cand (U, C)`` with the highest ``scores (U, C)`` (stable ties)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    picked = np.take_along_axis(cand, order, axis=1)
+    return np.where(np.take_along_axis(np.isfinite(scores), order, axis=1), picked, -1)
+
+
+def mmr_slates(
+    cand: np.ndarray,
+    scores: np.ndarray,
+    item_vectors: np.ndarray,
+    k: int,
+    diversity: float,
+    *,
+    chunk: int = 1024,
+) -> np.ndarray:
+    """``(U, k)`` MMR slates over ``cand (U, C)`` with relevance ``scores (U, C)``.
+
+    Chunked over users: ``mmr`` works in float64 on (U, C, D), which for every test user at
+    once would need gigabytes.
+    """
+    if diversity == 0.0:
+        return top_k(cand, scores, k)
+    out = np.full((len(cand), k), -1, dtype=np.int64)
+    vecs = np.asarray(item_vectors, dtype=np.float32)
+    for start in range(0, len(cand), chunk):
+        sl = slice(start, start + chunk)
+        picks = mmr(scores[sl], vecs[np.maximum(cand[sl], 0)], k, diversity)
+        got = np.take_along_axis(cand[sl], np.maximum(picks, 0), axis=1)
+        out[sl] = np.where(picks >= 0, got, -1)
+    return out
+
+
+def tradeoff_curve(
+    cand: np.ndarray,
+    scores: np.ndarray,
+    targets: np.ndarray,
+    item_vectors: np.ndarray,
+    *,
+    k: int = 10,
+    grid: Sequence[float] = DIVERSITY_GRID,
+) -> list[dict[str, float]]:
+    """One metrics row per diversity weight: ``{"diversity", HR@k, NDCG@k, ILD@k, coverage@k}``."""
+    rows = []
+    for lam in grid:
+        slates = mmr_slates(cand, scores, item_vectors, k, float(lam))
+        rows.append({"diversity": float(lam), **slate_metrics(slates, targets, item_vectors, k)})
+    return rows
+
+
+def choose_diversity(
+    curve: Sequence[dict[str, float]], *, max_loss: float = 0.02, k: int = 10
+) -> dict[str, float]:
+    """The curve row with the highest ILD whose NDCG@k is within ``max_loss`` (relative) of the
+    diversity = 0 row. ``curve`` must contain diversity 0."""
+    base = [r for r in curve if r["diversity"] == 0.0]
+    if not base:
+        raise ValueError(
+            f"{STAGE}: expected a diversity 0.0 row in the curve, got weights "
+            f"{[r['diversity'] for r in curve]}"
+        )
+    floor = (1.0 - max_loss) * base[0][f"NDCG@{k}"]
+    ok = [r for r in curve if r[f"NDCG@{k}"] >= floor]
+    return max(ok, key=lambda r: (r[f"ILD@{k}"], -r["diversity"]))
+
+
+def _relative(new: float, old: float) -> float | None:
+    return round(new / old - 1.0, 4) if old > 0 else None
+
+
+def evaluate_slates(
+    encoder: EncoderLike,
+    split: LeaveOneOut,
+    *,
+    reranker: TransformerReranker | None = None,
+    which: str = "test",
+    stages: str = "full",
+    candidates: int = 100,
+    k: int = 10,
+    diversity: float | None = None,
+    grid: Sequence[float] = DIVERSITY_GRID,
+    max_loss: float = 0.02,
+) -> dict[str, Any]:
+    """The slate report (JSON-ready) for ``which`` ('valid' or 'test') leave-one-out cases.
+
+    stages: 'retrieval' (retrieval only), 'rerank' (+ reranker on the same candidates) or
+    'full' (+ the MMR trade-off curve and the row at ``diversity``; when ``diversity`` is None
+    the weight is chosen by :func:`choose_diversity` with ``max_loss``).
+    """
+    if stages not in STAGES:
+        raise ValueError(f"{STAGE}: expected stages in {list(STAGES)}, got {stages!r}")
+    if stages != "retrieval" and reranker is None:
+        raise ValueError(f"{STAGE}: expected a trained reranker for stages={stages!r}, got none")
+    if reranker is not None and reranker.cfg.encoder_version not in ("", encoder.version):
+        raise ValueError(
+            f"{STAGE}: expected a reranker trained on encoder {encoder.version}, got one "
+            f"trained on {reranker.cfg.encoder_version}"
+        )
+    started = time.perf_counter()
+    cases = split.cases(which)
+    if not cases:
+        raise ValueError(f"{STAGE}: expected {which} cases (users with >= 3 steps), got none")
+    log_ = EncodedLog(split.data, encoder.vocab)
+    full = evaluate_split(encoder.model, split, log_, which, max_len=encoder.max_len)
+    logged: LoggedCandidates = log_candidates(
+        encoder,
+        log_,
+        [(c.user, c.cut) for c in cases],
+        candidates=candidates,
+        seq_len=reranker.cfg.max_len if reranker is not None else 1,
+    )
+    targets = np.array([log_.target(c) for c in cases], dtype=np.int64)
+    vectors = encoder.model.item_table().detach().float().cpu().numpy()
+    report: dict[str, Any] = {
+        "split": which,
+        "users": len(cases),
+        "candidates": candidates,
+        "k": k,
+        "encoder_version": encoder.version,
+        f"recall@{candidates}": float((logged.target_pos >= 0).mean()),
+        "retrieval_full": full.metrics,
+        "retrieval": slate_metrics(top_k(logged.cand, logged.retrieval, k), targets, vectors, k),
+    }
+    if stages == "retrieval" or reranker is None:
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        return report
+    report["reranker_version"] = reranker.version
+    t0 = time.perf_counter()
+    scores = score_logged(reranker.net, logged)
+    report["rerank_seconds"] = round(time.perf_counter() - t0, 2)
+    report["rerank"] = slate_metrics(top_k(logged.cand, scores, k), targets, vectors, k)
+    report["lift"] = {
+        name: _relative(report["rerank"][name], report["retrieval"][name])
+        for name in report["retrieval"]
+    }
+    if stages == "full":
+        grid = sorted({0.0, *grid, *([diversity] if diversity is not None else [])})
+        curve = tradeoff_curve(logged.cand, scores, targets, vectors, k=k, grid=grid)
+        report["curve"] = {
+            "rerank": curve,
+            "retrieval": tradeoff_curve(
+                logged.cand, logged.retrieval, targets, vectors, k=k, grid=grid
+            ),
+        }
+        if diversity is None:
+            chosen = choose_diversity(curve, max_loss=max_loss, k=k)
+        else:
+            chosen = next(r for r in curve if r["diversity"] == diversity)
+        report["diversity"] = chosen["diversity"]
+        report["at_diversity"] = {
+            **chosen,
+            "NDCG_change": _relative(chosen[f"NDCG@{k}"], curve[0][f"NDCG@{k}"]),
+            "ILD_change": _relative(chosen[f"ILD@{k}"], curve[0][f"ILD@{k}"]),
+        }
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def plot_tradeoff(report: dict[str, Any], path: Path | str, *, title: str = "") -> Path:
+    """PNG of NDCG@k against intra-list diversity as the MMR weight varies (``report['curve']``)."""
+    if "curve" not in report:
+        raise ValueError(f"{STAGE}: expected a report with a 'curve' (stages='full'), got none")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = report["k"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for name, style in (("retrieval", "s--"), ("rerank", "o-")):
+        rows = report["curve"][name]
+        xs = [r[f"ILD@{k}"] for r in rows]
+        ys = [r[f"NDCG@{k}"] for r in rows]
+        ax.plot(xs, ys, style, label=f"{name} + MMR", markersize=4)
+        for r, x, y in zip(rows, xs, ys, strict=True):
+            if round(r["diversity"] * 10, 6) % 2 == 0:  # label every 0.2 to stay readable
+                ax.annotate(f"{r['diversity']:.1f}", (x, y), fontsize=7, alpha=0.7)
+    if "diversity" in report:
+        chosen = report["at_diversity"]
+        ax.scatter(
+            [chosen[f"ILD@{k}"]],
+            [chosen[f"NDCG@{k}"]],
+            s=120,
+            facecolors="none",
+            edgecolors="red",
+            label=f"default weight {report['diversity']:.2f}",
+        )
+    ax.set_xlabel(f"intra-list diversity @{k} (mean pairwise cosine distance)")
+    ax.set_ylabel(f"NDCG@{k}")
+    ax.set_title(title or f"relevance vs diversity ({report['split']}, C={report['candidates']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def write_report(report: dict[str, Any], path: Path | str) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return out

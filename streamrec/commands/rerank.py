@@ -1,0 +1,152 @@
+"""``streamrec train-reranker`` and ``streamrec evaluate-slates``: the listwise reranker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+FORMAT_HELP = "s3rec | ml-100k | ml-1m | rechorus | yoochoose | events"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    return typer.Exit(code=2)
+
+
+def train_reranker(
+    model: Annotated[Path, typer.Option(help="encoder directory; the reranker is saved into it")],
+    data: Annotated[Path, typer.Option(help="interaction log the encoder was trained on")],
+    fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)],
+    candidates: Annotated[int, typer.Option(help="C retrieved per training case")] = 100,
+    prefixes: Annotated[int, typer.Option(help="newest training positions per user")] = 10,
+    epochs: int = 30,
+    patience: int = 3,
+    dim: int = 32,
+    layers: int = 1,
+    heads: int = 2,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 42,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
+    progress: bool = True,
+) -> None:
+    """Train the listwise reranker on the encoder's logged top-C candidates."""
+    import torch
+
+    from serving.artifacts import ArtifactError, load_model
+    from serving.data import DataError, leave_one_out, load_interactions
+    from serving.reranker import RerankTrainConfig, save_reranker
+    from serving.reranker import train_reranker as train
+
+    torch.set_num_threads(threads)
+    try:
+        encoder = load_model(model, device="cpu")
+        split = leave_one_out(load_interactions(data, fmt))
+        cfg = RerankTrainConfig(
+            candidates=candidates,
+            prefixes=prefixes,
+            epochs=epochs,
+            patience=patience,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
+        result = train(encoder, split, cfg, model={"dim": dim, "layers": layers, "heads": heads})
+    except (ArtifactError, DataError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    version = save_reranker(
+        result.reranker,
+        model,
+        metrics={"valid": result.valid, "best_epoch": result.best_epoch},
+    )
+    v = result.valid
+    typer.echo(
+        f"valid NDCG@10 retrieval {v['retrieval']['NDCG@10']:.4f} -> rerank "
+        f"{v['rerank']['NDCG@10']:.4f} ({result.train_cases} training cases, "
+        f"{result.seconds:.0f}s)"
+    )
+    typer.echo(f"saved {version} to {model}")
+
+
+def evaluate_slates(
+    model: Annotated[Path, typer.Option(help="encoder directory (with the reranker for rerank)")],
+    data: Annotated[Path, typer.Option(help="interaction log (file or folder; .gz is fine)")],
+    fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)],
+    stages: Annotated[str, typer.Option(help="retrieval | rerank | full")] = "full",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG of the diversity trade-off (full)")] = None,
+    split: Annotated[str, typer.Option(help="test | valid")] = "test",
+    candidates: int = 100,
+    k: int = 10,
+    diversity: Annotated[
+        float | None, typer.Option(help="MMR weight to report; default: chosen on the curve")
+    ] = None,
+    threads: int = 2,
+) -> None:
+    """HR/NDCG@k, intra-list diversity and coverage: retrieval vs rerank vs + MMR."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from serving.artifacts import ArtifactError, load_model
+    from serving.data import DataError, leave_one_out, load_interactions
+    from serving.reranker import RerankerError, load_reranker
+    from serving.slate_eval import STAGES, evaluate_slates, plot_tradeoff, write_report
+
+    if stages not in STAGES:
+        raise _fail(f"evaluate-slates: expected --stages in {list(STAGES)}, got {stages!r}")
+    if split not in ("test", "valid"):
+        raise _fail(f"evaluate-slates: expected --split test or valid, got {split!r}")
+    if plot is not None and stages != "full":
+        raise _fail(f"evaluate-slates: expected --stages full with --plot, got {stages!r}")
+    torch.set_num_threads(threads)
+    try:
+        encoder = load_model(model, device="cpu")
+        reranker = load_reranker(model) if stages != "retrieval" else None
+        if stages != "retrieval" and reranker is None:
+            raise ValueError(
+                f"evaluate-slates: expected a reranker in {model} for --stages {stages}; "
+                "run `streamrec train-reranker` first"
+            )
+        loo = leave_one_out(load_interactions(data, fmt))
+        report = evaluate_slates(
+            encoder,
+            loo,
+            reranker=reranker,
+            which=split,
+            stages=stages,
+            candidates=candidates,
+            k=k,
+            diversity=diversity,
+        )
+    except (ArtifactError, RerankerError, DataError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    report |= {"data": str(data), "format": fmt}
+    table = Table(title=f"slates, split={split}, C={candidates}, users={report['users']}")
+    table.add_column("method")
+    keys = list(report["retrieval"])
+    for key in keys:
+        table.add_column(key, justify="right")
+    rows = [("retrieval", report["retrieval"])]
+    if "rerank" in report:
+        rows.append(("rerank", report["rerank"]))
+    if "at_diversity" in report:
+        rows.append((f"rerank + MMR {report['diversity']:.2f}", report["at_diversity"]))
+    for name, metrics in rows:
+        table.add_row(name, *(f"{metrics[key]:.4f}" for key in keys))
+    Console().print(table)
+    if json_out is not None:
+        write_report(report, json_out)
+        typer.echo(f"wrote {json_out}")
+    if plot is not None:
+        plot_tradeoff(report, plot)
+        typer.echo(f"wrote {plot}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``train-reranker`` and ``evaluate-slates`` to ``app``."""
+    app.command("train-reranker")(train_reranker)
+    app.command("evaluate-slates")(evaluate_slates)

@@ -1,0 +1,408 @@
+"""Listwise reranker: training, artifact round trip, pipeline protocol, and every error."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from serving.artifacts import LoadedEncoder, load_model, save_model
+from serving.data import Interactions, ItemVocab, UserHistory, leave_one_out
+from serving.encoder import EncoderConfig, SequenceEncoder
+from serving.pipeline import Candidates, Pipeline, SlateRequest
+from serving.reranker import (
+    ItemSide,
+    RerankerConfig,
+    RerankerError,
+    RerankerNet,
+    RerankInputs,
+    RerankTrainConfig,
+    TransformerReranker,
+    check_inputs,
+    item_side,
+    load_reranker,
+    log_candidates,
+    save_reranker,
+    train_reranker,
+    training_cases,
+)
+from serving.types import EVENT_TYPES, Step
+
+torch.set_num_threads(1)
+FAST = RerankTrainConfig(candidates=20, prefixes=3, epochs=6, patience=6, batch_size=32)
+SMALL = {"dim": 16, "heads": 2, "max_len": 8}
+
+
+@pytest.fixture
+def encoder(tmp_path: Path, tiny_log: Interactions) -> LoadedEncoder:
+    torch.manual_seed(0)
+    items = tiny_log.item_ids()
+    model = SequenceEncoder(EncoderConfig(num_items=len(items), dim=16, heads=2, max_len=8))
+    save_model(model.eval(), tmp_path / "m", items)
+    return load_model(tmp_path / "m", device="cpu")
+
+
+@pytest.fixture
+def trained(encoder: LoadedEncoder, tiny_log: Interactions) -> TransformerReranker:
+    cats = {it: [f"c{int(it[1:]) % 3}"] for it in tiny_log.item_ids()}
+    prices = {it: float(int(it[1:])) for it in tiny_log.item_ids()}
+    result = train_reranker(
+        encoder, leave_one_out(tiny_log), FAST, model=SMALL, categories=cats, prices=prices
+    )
+    return result.reranker
+
+
+def history(items: list[str], types: list[str] | None = None) -> list[Step]:
+    types = types or ["view"] * len(items)
+    return [
+        Step(it, t, 1_700_000_000_000 + k)
+        for k, (it, t) in enumerate(zip(items, types, strict=True))
+    ]
+
+
+def candidates_for(requests: list[SlateRequest], row_ids: list[str], c: int = 6) -> Candidates:
+    rng = np.random.default_rng(0)
+    b = len(requests)
+    rows = np.stack([rng.permutation(len(row_ids))[:c] for _ in range(b)]).astype(np.int64)
+    rows[0, -2:] = -1  # padding at the end of the first row
+    retr = np.where(rows >= 0, rng.normal(size=rows.shape), -np.inf).astype(np.float32)
+    return Candidates(tuple(requests), rows, retr, retr, np.array(row_ids, dtype=object), "v1")
+
+
+def test_training_lowers_loss_and_reports_metrics(
+    encoder: LoadedEncoder, tiny_log: Interactions
+) -> None:
+    result = train_reranker(encoder, leave_one_out(tiny_log), FAST, model=SMALL)
+    losses = [row["loss"] for row in result.history]
+    assert len(losses) == FAST.epochs
+    assert losses[-1] < losses[0]
+    assert result.train_cases > 0
+    assert 0.0 < result.train_recall <= 1.0
+    assert set(result.valid) == {"retrieval", "rerank"}
+    assert result.valid["rerank"]["NDCG@10"] > 0.0
+    cfg = result.reranker.cfg
+    assert cfg.next_action  # the tiny log has several event types
+    assert cfg.encoder_version == encoder.version
+
+
+def test_side_features_and_round_trip_identical_scores(
+    trained: TransformerReranker, encoder: LoadedEncoder, tmp_path: Path
+) -> None:
+    assert trained.cfg.n_categories == 3
+    assert trained.cfg.price_buckets > 1
+    model_dir = tmp_path / "m"
+    version = save_reranker(trained, model_dir, metrics={"x": 1})
+    assert (model_dir / "reranker.safetensors").is_file()
+    raw = json.loads((model_dir / "reranker.json").read_text())
+    assert raw["version"] == version
+    assert raw["model"]["encoder_version"] == encoder.version
+    loaded = load_reranker(model_dir)
+    assert loaded is not None
+    assert loaded.version == version
+    assert loaded.meta["categories"] == trained.meta["categories"]
+    reqs = [
+        SlateRequest("a", history(["i1", "i2", "i3"], ["view", "click", "purchase"])),
+        SlateRequest("b", history(["i7"])),
+        SlateRequest("cold", []),
+    ]
+    cands = candidates_for(reqs, list(encoder.item_ids()))
+    a, b = trained.score(reqs, cands), loaded.score(reqs, cands)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == cands.rows.shape
+    assert np.isneginf(a[0, -2:]).all()
+    assert np.isfinite(a[cands.rows >= 0]).all()
+    probs = loaded.next_action(reqs)
+    assert probs.shape == (3, len(EVENT_TYPES))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(probs, trained.next_action(reqs))
+    _, buy = loaded.next_action_and_purchase(reqs)
+    assert buy.shape == (3,)
+    assert ((buy >= 0) & (buy <= 1)).all()
+
+
+def test_unknown_candidates_rank_below_known(trained: TransformerReranker) -> None:
+    ids = [*trained.vocab.ids, "brand-new"]
+    reqs = [SlateRequest("a", history(["i1", "i2"]))]
+    rows = np.array([[len(ids) - 1, 0, 1, 2]], dtype=np.int64)
+    retr = np.array([[9.0, 1.0, 0.5, 0.1]], dtype=np.float32)
+    cands = Candidates(tuple(reqs), rows, retr, retr, np.array(ids, dtype=object), "v")
+    scores = trained.score(reqs, cands)
+    assert np.isfinite(scores).all()
+    assert scores[0, 0] < scores[0, 1:].min()
+
+
+def test_works_inside_the_pipeline(trained: TransformerReranker, encoder: LoadedEncoder) -> None:
+    pipe = Pipeline.from_encoder(
+        encoder, candidates=12, slate_size=5, diversity=0.0, reranker=trained
+    )
+    reqs = [SlateRequest("a", history(["i3", "i4", "i5"])), SlateRequest("b", history(["i20"]))]
+    slates = pipe.recommend(reqs)
+    assert [s.user_id for s in slates] == ["a", "b"]
+    for s in slates:
+        assert len(s.item_ids) == 5
+        assert s.scores == sorted(s.scores, reverse=True)
+    assert "i5" not in slates[0].item_ids  # the trigger is still filtered before reranking
+    # The pipeline's order is the reranker's order of the filtered candidates.
+    cands = pipe.filter(pipe.retrieve(pipe.encode(tuple(reqs))))
+    direct = trained.score(reqs, cands)
+    top = np.argsort(-direct[0], kind="stable")[:5]
+    assert slates[0].item_ids == [cands.row_ids[cands.rows[0, j]] for j in top]
+
+
+def test_projection_cache_follows_weight_updates(trained: TransformerReranker) -> None:
+    net = trained.net
+    items = torch.tensor([[1, 2]])
+    with torch.inference_mode():
+        before = net.item_vectors(items).clone()
+    with torch.no_grad():
+        net.item_proj.bias.add_(1.0)
+    with torch.inference_mode():
+        after = net.item_vectors(items)
+    torch.testing.assert_close(after, before + 1.0)
+    with torch.no_grad():
+        net.item_proj.bias.sub_(1.0)
+
+
+def test_candidate_logging_and_cases(encoder: LoadedEncoder, tiny_log: Interactions) -> None:
+    split = leave_one_out(tiny_log)
+    cases = training_cases(split, 2)
+    assert all(1 <= cut < split.train_cut[u] for u, cut in cases)
+    from serving.data import EncodedLog
+
+    log_ = EncodedLog(tiny_log, encoder.vocab)
+    logged = log_candidates(encoder, log_, cases, candidates=30, seq_len=8)
+    assert logged.cand.shape == (len(cases), 30)
+    assert (logged.target_pos >= 0).all()  # C = N: every target is retrieved
+    assert (np.diff(logged.retrieval, axis=1) <= 1e-6).all()  # best first
+    sub = logged.take(np.array([0, 1]))
+    assert len(sub) == 2
+    with pytest.raises(ValueError, match="expected at least one"):
+        log_candidates(encoder, log_, [], candidates=5, seq_len=8)
+    with pytest.raises(ValueError, match="candidates <= 30"):
+        log_candidates(encoder, log_, cases, candidates=31, seq_len=8)
+    with pytest.raises(ValueError, match="prefixes >= 1"):
+        training_cases(split, 0)
+
+
+def test_training_errors(encoder: LoadedEncoder, tiny_log: Interactions) -> None:
+    short = Interactions(
+        "short",
+        tuple(
+            replace(u, items=u.items[:2], types=u.types[:2], ts_ms=u.ts_ms[:2] if u.ts_ms else None)
+            for u in tiny_log.users
+        ),
+    )
+    with pytest.raises(ValueError, match="validation cases"):
+        train_reranker(encoder, leave_one_out(short), FAST, model=SMALL)
+    foreign = Interactions(
+        "foreign",
+        tuple(
+            UserHistory(u.user, tuple("x" + i for i in u.items), u.types, u.ts_ms)
+            for u in tiny_log.users
+        ),
+    )
+    with pytest.raises(ValueError, match="target among the top"):
+        train_reranker(encoder, leave_one_out(foreign), FAST, model=SMALL)
+
+
+def _net(n: int = 5, **over: object) -> RerankerNet:
+    cfg = RerankerConfig(num_items=n, item_dim=4, dim=8, heads=2, max_len=4, **over)  # type: ignore[arg-type]
+    side = ItemSide(
+        np.zeros(n + 1, np.float32), np.zeros((n + 1, 4), np.int64), np.zeros(n + 1, np.int64)
+    )
+    return RerankerNet(cfg, torch.zeros(n + 1, 4), side)
+
+
+def test_invalid_shapes_and_settings_raise() -> None:
+    net = _net()
+    ok = RerankInputs(
+        torch.ones(2, 3, dtype=torch.long),
+        torch.ones(2, 3, dtype=torch.long),
+        torch.ones(2, 4, dtype=torch.long),
+        torch.zeros(2, 4),
+    )
+    check_inputs(ok)
+    with pytest.raises(ValueError, match=r"cand_items and retrieval \(B, C\)"):
+        check_inputs(replace(ok, retrieval=torch.zeros(2, 5)))
+    with pytest.raises(ValueError, match=r"seq_items and seq_types \(2, L\)"):
+        check_inputs(replace(ok, seq_items=torch.ones(3, 3, dtype=torch.long)))
+    with pytest.raises(ValueError, match="at most max_len=4"):
+        net(
+            replace(
+                ok,
+                seq_items=torch.ones(2, 5, dtype=torch.long),
+                seq_types=torch.ones(2, 5, dtype=torch.long),
+            )
+        )
+    with pytest.raises(ValueError, match="item table"):
+        RerankerNet(net.cfg, torch.zeros(3, 4), ItemSide(*[np.zeros(0)] * 3))
+    side = ItemSide(np.zeros(6, np.float32), np.zeros((6, 4), np.int64), np.zeros(6, np.int64))
+    with pytest.raises(ValueError, match="popularity and price_bucket"):
+        RerankerNet(net.cfg, torch.zeros(6, 4), replace(side, popularity=np.zeros(5)))
+    with pytest.raises(ValueError, match="categories"):
+        RerankerNet(net.cfg, torch.zeros(6, 4), replace(side, categories=np.zeros((6, 2))))
+    with pytest.raises(ValueError, match="num_items >= 1"):
+        RerankerConfig(num_items=0, item_dim=4)
+    with pytest.raises(ValueError, match="divisible by heads"):
+        RerankerConfig(num_items=3, item_dim=4, dim=10, heads=3)
+    with pytest.raises(ValueError, match="max_len >= 1"):
+        RerankerConfig(num_items=3, item_dim=4, max_len=0)
+    with pytest.raises(ValueError, match="extra"):
+        RerankerConfig.from_dict({"num_items": 3, "item_dim": 4, "bogus": 1})
+    with pytest.raises(ValueError, match="counts"):
+        item_side(ItemVocab(["a", "b"]), np.zeros(2))
+    with pytest.raises(ValueError, match="5 item ids"):
+        TransformerReranker(net, ["a"])
+    rr = TransformerReranker(net, ["a", "b", "c", "d", "e"])
+    reqs = [SlateRequest("u", history(["a"]))]
+    bad = Candidates(
+        tuple(reqs),
+        np.zeros((2, 3), np.int64),
+        np.zeros((2, 3), np.float32),
+        np.zeros((2, 3), np.float32),
+        np.array(["a"], dtype=object),
+        "v",
+    )
+    with pytest.raises(ValueError, match=r"\(1, C\)"):
+        rr.score(reqs, bad)
+
+
+def test_item_side_tables() -> None:
+    vocab = ItemVocab(["a", "b", "c"])
+    side, cats, edges = item_side(
+        vocab,
+        np.array([0, 4, 1, 0]),
+        categories={"a": ["x", "y", "x"], "c": ["y"], "zz": ["q"]},
+        prices={"a": 1.0, "b": 10.0, "c": 100.0},
+        price_buckets=2,
+    )
+    assert cats == {"x": 1, "y": 2}
+    assert side.categories[1].tolist() == [1, 2, 0, 0]
+    assert side.categories[3].tolist() == [2, 0, 0, 0]
+    assert side.popularity[2] == pytest.approx(1.0)
+    assert side.popularity[3] == 0.0
+    assert edges == [10.0]
+    assert side.price_bucket.tolist() == [0, 1, 2, 2]
+
+
+def test_load_errors(trained: TransformerReranker, tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    assert load_reranker(tmp_path / "nothing") is None
+    save_reranker(trained, model_dir)
+    cfg_path = model_dir / "reranker.json"
+    good = cfg_path.read_text()
+    cfg_path.write_text("{not json")
+    with pytest.raises(RerankerError, match="readable JSON"):
+        load_reranker(model_dir)
+    cfg_path.write_text("[]")
+    with pytest.raises(RerankerError, match="JSON object"):
+        load_reranker(model_dir)
+    cfg_path.write_text(json.dumps({"model": 3}))
+    with pytest.raises(RerankerError, match="'model' object"):
+        load_reranker(model_dir)
+    raw = json.loads(good)
+    cfg_path.write_text(json.dumps(raw | {"model": raw["model"] | {"dim": 7}}))
+    with pytest.raises(RerankerError, match="valid settings"):
+        load_reranker(model_dir)
+    cfg_path.write_text(json.dumps(raw | {"model": raw["model"] | {"num_items": 3}}))
+    with pytest.raises(RerankerError, match=r"items\.json with 3 ids"):
+        load_reranker(model_dir)
+    cfg_path.write_text(json.dumps(raw | {"model": raw["model"] | {"encoder_version": "old"}}))
+    with pytest.raises(RerankerError, match="trained on old"):
+        load_reranker(model_dir)
+    cfg_path.write_text(json.dumps(raw | {"model": raw["model"] | {"dim": 32, "heads": 2}}))
+    with pytest.raises(RerankerError, match="weights matching"):
+        load_reranker(model_dir)
+    cfg_path.write_text(good)
+    (model_dir / "reranker.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RerankerError, match="readable safetensors"):
+        load_reranker(model_dir)
+
+
+def test_cli_train_then_evaluate(tmp_path: Path) -> None:
+    import typer
+
+    from serving.synthetic import make_shop, write_jsonl
+    from streamrec.cli import app as base_app
+    from streamrec.commands import rerank
+
+    app = typer.Typer()
+    app.command("noop")(lambda: None)
+    rerank.register(app)
+    shop = make_shop(n_items=48, n_users=60, events_per_user=8)
+    events = write_jsonl(shop.events, tmp_path / "ev.jsonl")
+    runner = CliRunner()
+    from serving.data import load_interactions
+
+    data = load_interactions(events, "events")
+    items = data.item_ids()
+    save_model(
+        SequenceEncoder(EncoderConfig(num_items=len(items), dim=16, max_len=8)),
+        tmp_path / "m",
+        items,
+    )
+    args = ["--model", str(tmp_path / "m"), "--data", str(events), "--format", "events"]
+    res = runner.invoke(app, ["evaluate-slates", *args, "--stages", "rerank"])
+    assert res.exit_code == 2
+    assert "train-reranker" in res.output
+    res = runner.invoke(
+        app,
+        [
+            "train-reranker",
+            *args,
+            "--epochs",
+            "2",
+            "--candidates",
+            "20",
+            "--dim",
+            "16",
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "saved rr-" in res.output
+    out = tmp_path / "r.json"
+    res = runner.invoke(
+        app,
+        [
+            "evaluate-slates",
+            *args,
+            "--candidates",
+            "20",
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "p.png"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert {"retrieval", "rerank", "curve", "diversity"} <= set(report)
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    for bad, msg in (
+        (["--stages", "nope"], "--stages"),
+        (["--split", "x"], "--split"),
+        (["--stages", "rerank", "--plot", "p.png"], "--stages full with --plot"),
+    ):
+        res = runner.invoke(app, ["evaluate-slates", *args, *bad])
+        assert res.exit_code == 2
+        assert msg in res.output
+    res = runner.invoke(
+        app,
+        [
+            "train-reranker",
+            "--model",
+            str(tmp_path / "none"),
+            "--data",
+            str(events),
+            "--format",
+            "events",
+        ],
+    )
+    assert res.exit_code == 2
+    assert base_app is not None
