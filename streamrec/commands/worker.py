@@ -43,8 +43,8 @@ def demo(
     data: Annotated[Path | None, typer.Option(help="Real dataset to train on and replay")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="Format of --data")] = None,
     model: Annotated[Path | None, typer.Option(help="Use this trained model directory")] = None,
-    events: Annotated[int, typer.Option(help="Events to replay")] = 6000,
-    rate: Annotated[float, typer.Option(help="Replay rate, events/s (0 = full speed)")] = 1500.0,
+    events: Annotated[int, typer.Option(help="Events to replay")] = 5000,
+    rate: Annotated[float, typer.Option(help="Replay rate, events/s (0 = full speed)")] = 500.0,
     workdir: Annotated[Path, typer.Option(help="Where models, logs and reports go")] = Path(
         "runs/demo"
     ),

@@ -34,7 +34,7 @@ from serving.reranker import (
 from serving.types import EVENT_TYPES, Step
 
 torch.set_num_threads(1)
-FAST = RerankTrainConfig(candidates=20, prefixes=3, epochs=6, patience=6, batch_size=32)
+FAST = RerankTrainConfig(candidates=20, prefixes=2, epochs=4, patience=4, batch_size=32)
 SMALL = {"dim": 16, "heads": 2, "max_len": 8}
 
 
@@ -284,7 +284,8 @@ def test_item_side_tables() -> None:
     assert cats == {"x": 1, "y": 2}
     assert side.categories[1].tolist() == [1, 2, 0, 0]
     assert side.categories[3].tolist() == [2, 0, 0, 0]
-    assert side.popularity[2] == pytest.approx(1.0)
+    assert side.popularity[1] == pytest.approx(1.0)
+    assert side.popularity[2] == pytest.approx(np.log(2) / np.log(5))
     assert side.popularity[3] == 0.0
     assert edges == [10.0]
     assert side.price_bucket.tolist() == [0, 1, 2, 2]
