@@ -223,6 +223,43 @@ def account(
     return Accounting(len(sent), answered, twice_ids, in_dlq, held_dup, missing)
 
 
+def committed_lag(settings: Settings, group: str | None = None) -> int:
+    """Messages of the events topic past the committed offsets of the worker group."""
+    consumer = Consumer(
+        {
+            **confluent_config(settings),
+            "group.id": group or settings.app_id,
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        topic = settings.topic_events
+        parts = sorted(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+        committed = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=30)
+        lag = 0
+        for tp in committed:
+            _, high = consumer.get_watermark_offsets(tp, timeout=30)
+            lag += high - max(0, tp.offset)
+        return lag
+    finally:
+        consumer.close()
+
+
+def wait_committed(settings: Settings, timeout_s: float, group: str | None = None) -> None:
+    """Wait until the worker group has committed every message of the events topic."""
+    deadline = time.monotonic() + timeout_s
+    lag = -1
+    while time.monotonic() < deadline:
+        try:
+            lag = committed_lag(settings, group)
+        except Exception:  # broker briefly unreachable (restart tests): try again
+            lag = -1
+        if lag == 0:
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"events topic still {lag} messages past the commits after {timeout_s} s")
+
+
 # --- Metrics ----------------------------------------------------------------------------------
 def metric_sum(metrics: dict[str, float], prefix: str) -> float:
     return sum(v for k, v in metrics.items() if k.split("{")[0] == prefix)

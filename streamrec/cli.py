@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from streamrec.commands import kafka, model, monitoring, worker
+from streamrec.commands import coldstart, kafka, model, monitoring, rerank, worker
 
 app = typer.Typer(
     name="streamrec",
@@ -14,7 +14,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (kafka, model, worker, monitoring):
+for module in (kafka, model, rerank, coldstart, worker, monitoring):
     module.register(app)
 
 
