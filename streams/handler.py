@@ -168,7 +168,6 @@ class EventBatchHandler:
             user.state = state
             user.last_ref = msg.ref
             prepared.accepted += 1
-            self.metrics.events_consumed.labels(type=event.type.value).inc()
         return prepared
 
     def _observe_quality(self, state: SessionState, item_id: str) -> None:
@@ -233,6 +232,10 @@ class EventBatchHandler:
 
         now_ms = self.clock_ms()
         for user, slate in zip(users, slates, strict=True):
+            # Counted here, not in prepare: an event the pipeline failed on is a rejection
+            # (pipeline_error), so every message lands in exactly one counter.
+            for event in user.events:
+                self.metrics.events_consumed.labels(type=event.type.value).inc()
             state = user.state.with_slate(slate.item_ids)
             writes.append((user.user_id, state.to_json(), user.last_ref))
             trigger = user.events[-1]
