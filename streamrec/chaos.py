@@ -286,7 +286,9 @@ def wait_handled(url: str, n: float, timeout_s: float, what: str = "worker") -> 
         if handled(metrics) >= n:
             return metrics
         time.sleep(0.5)
-    raise TimeoutError(f"{what} handled {handled(metrics):.0f} of {n:.0f} messages in {timeout_s} s")
+    raise TimeoutError(
+        f"{what} handled {handled(metrics):.0f} of {n:.0f} messages in {timeout_s} s"
+    )
 
 
 def rss_kib(pid: int) -> int:

@@ -83,14 +83,16 @@ def test_accounting_coalescing_and_dead_letters(
     assert reasons == ["invalid_json", "unknown_item"]
     slates = [FakeSlate(["c", "b"], [2.0, 1.0]), FakeSlate(["a"], [1.0])]
     done = handler.finish(prepared, slates, model_version="m1", index_version="i1")
-    assert done.produced == 2 and done.coalesced == 1
+    assert done.produced == 2
+    assert done.coalesced == 1
     assert done.produced == prepared.accepted - done.coalesced
     recs = {r.key: decode_recommendation(r.value) for r in done.recommendations}
     assert recs[b"u1"].trigger_event_id == "e2"
     assert recs[b"u1"].coalesced_event_ids == ("e1",)
     assert [s.item_id for s in recs[b"u1"].items] == ["c", "b"]
     assert [s.rank for s in recs[b"u1"].items] == [1, 2]
-    assert recs[b"u2"].model_version == "m1" and recs[b"u2"].index_version == "i1"
+    assert recs[b"u2"].model_version == "m1"
+    assert recs[b"u2"].index_version == "i1"
     # The session write goes with the user's last event (its partition owns the user).
     writes = {user: (state, ref) for user, state, ref in done.session_writes}
     assert writes["u1"][1] == 1
@@ -112,7 +114,8 @@ def test_duplicates_across_batches_and_online_hits(
     for user, state, _ in done.session_writes:
         store.data[user] = state
     again = handler.prepare([msg(1, event("e1")), msg(2, event("e2", item="c"))], store.get)
-    assert again.duplicates == 1 and again.accepted == 1
+    assert again.duplicates == 1
+    assert again.accepted == 1
     # "c" was at rank 2 of the last slate: a hit at k=5 and k=10, not at k=1.
     assert value(metrics, "slates_evaluated") == 1
     assert value(metrics, "slate_hits", k="1") == 0
@@ -126,10 +129,12 @@ def test_pipeline_failure_sends_accepted_events_to_the_dlq(
     done = handler.finish(
         prepared, None, model_version="m", index_version="i", error=RuntimeError("boom")
     )
-    assert done.produced == 0 and not done.recommendations
+    assert done.produced == 0
+    assert not done.recommendations
     letters = [decode_dead_letter(d.value) for d in done.dead_letters]
     assert [d.error for d in letters] == ["pipeline_error", "pipeline_error"]
-    assert "boom" in letters[0].detail and "recommend" in letters[0].detail
+    assert "boom" in letters[0].detail
+    assert "recommend" in letters[0].detail
     assert json.loads(letters[1].original)["event_id"] == "e2"
     # History is kept even though no slate could be made.
     assert len(SessionState.from_json(done.session_writes[0][1]).history) == 2
