@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,8 +128,8 @@ def item_side(
     vocab: ItemVocab,
     counts: np.ndarray,
     *,
-    categories: dict[str, Sequence[str]] | None = None,
-    prices: dict[str, float] | None = None,
+    categories: Mapping[str, Sequence[str]] | None = None,
+    prices: Mapping[str, float] | None = None,
     max_categories: int = 4,
     price_buckets: int = 8,
 ) -> tuple[ItemSide, dict[str, int], list[float]]:
@@ -874,8 +874,8 @@ def train_reranker(
     cfg: RerankTrainConfig | None = None,
     *,
     model: dict[str, object] | None = None,
-    categories: dict[str, Sequence[str]] | None = None,
-    prices: dict[str, float] | None = None,
+    categories: Mapping[str, Sequence[str]] | None = None,
+    prices: Mapping[str, float] | None = None,
     device: str | torch.device = "cpu",
 ) -> RerankTrainResult:
     """Train a reranker on candidates the encoder retrieves for ``split``'s training prefixes.

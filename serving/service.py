@@ -19,6 +19,7 @@ from schemas.models import Item
 from serving.artifacts import LoadedEncoder, load_model
 from serving.catalog import Catalog, ItemMeta
 from serving.pipeline import Pipeline, Slate, SlateRequest
+from serving.text import ColdStart
 from serving.types import Step
 from streamrec.metrics import Metrics
 from streamrec.settings import Settings
@@ -30,11 +31,20 @@ class Recommender:
     """Serves slates for batches of user histories and follows catalog and model changes."""
 
     def __init__(
-        self, encoder: LoadedEncoder, settings: Settings, metrics: Metrics | None = None
+        self,
+        encoder: LoadedEncoder,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        cold_start: ColdStart | None = None,
     ) -> None:
+        """cold_start: text-projected vectors for catalog items the encoder never saw; without
+        it such items are known (their events are accepted) but not retrievable."""
         self.settings = settings
         self.metrics = metrics
         self.catalog = Catalog()
+        self.cold_start = cold_start
+        # Catalog items the model has no embedding for, kept to re-embed after a model swap.
+        self._cold_items: dict[str, Item] = {}
         self._lock = threading.Lock()
         self._model_dir: str | None = None
         self._pipeline = self._build(encoder)
@@ -49,7 +59,9 @@ class Recommender:
     def load(cls, settings: Settings, metrics: Metrics | None = None) -> Recommender:
         if settings.model_dir is None:
             raise ValueError("recommender: expected settings.model_dir, got None")
-        rec = cls(load_model(settings.model_dir), settings, metrics)
+        rec = cls(
+            load_model(settings.model_dir), settings, metrics, ColdStart.load(settings.model_dir)
+        )
         rec._model_dir = str(Path(settings.model_dir).resolve())
         return rec
 
@@ -66,6 +78,10 @@ class Recommender:
         blocked = [i for i in encoder.item_ids() if not self.catalog.is_available([i])[0]]
         if blocked:
             pipeline.index.remove(blocked)
+        known = set(encoder.item_ids())
+        cold = [i for i in self._cold_items.values() if i.item_id not in known and i.available]
+        if cold and self.cold_start is not None:
+            pipeline.index.upsert([i.item_id for i in cold], self.cold_start.vectors_for(cold))
         return pipeline
 
     def _publish_info(self) -> None:
@@ -124,14 +140,19 @@ class Recommender:
 
     def _vector_for(self, pipeline: Pipeline, item: Item) -> np.ndarray | None:
         """The embedding for an item that is not in the index: the model's own when it has
-        one (the item was retired and came back); None for items the model never saw."""
+        one (the item was retired and came back), else one projected from its text (cold
+        start), else None (known but not retrievable until the next model)."""
         row = self._row_of.get(item.item_id)
-        if row is None:
+        if row is not None:
+            return self._vectors[row]
+        self._cold_items[item.item_id] = item
+        if self.cold_start is None:
             return None
-        return self._vectors[row]
+        return self.cold_start.vectors_for([item])[0]
 
     def delete_item(self, item_id: str) -> None:
         with self._lock:
+            self._cold_items.pop(item_id, None)
             self.catalog.delete(item_id)
             self._pipeline.index.remove([item_id])
 
@@ -142,7 +163,9 @@ class Recommender:
         encoder = load_model(model_dir)
         if encoder.version == self.model_version:
             return False
+        cold_start = ColdStart.load(model_dir)
         with self._lock:
+            self.cold_start = cold_start
             pipeline = self._build(encoder)
             self._set_vocab(encoder)
             self._pipeline = pipeline

@@ -55,7 +55,7 @@ MAX_TEXT_CHARS = 1000
 #: 256; 128 halves CPU cost and keeps title, categories and the start of a description).
 MAX_TOKENS = 128
 #: Ridge penalties tried when none is given; the best held-out cosine wins.
-LAMBDAS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
+LAMBDAS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 DEFAULT_BLEND_K = 5.0
 
 ITEM_FORMATS = ("streamrec", "ml-100k", "ml-1m")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import random
 import string
@@ -347,7 +348,7 @@ def fuzz_messages(
     def dump(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
-    def keyed(e: dict[str, Any], value: bytes, reason: str) -> Fuzzed:
+    def keyed(e: dict[str, Any], value: bytes | None, reason: str) -> Fuzzed:
         return Fuzzed(str(e["user_id"]).encode(), value, reason)
 
     def invalid_json() -> Fuzzed:
@@ -522,11 +523,12 @@ def burst(
     pid: int | None,
     timeout_s: float = 600.0,
     sample_every_s: float = 0.5,
+    baseline: float = 0.0,
 ) -> BurstReport:
     """Produce ``events`` (``n`` of them) at full speed while sampling lag and worker RSS.
 
     Lag is ``produced - handled`` (the worker's counters), i.e. messages waiting in Kafka or
-    in flight inside the worker. The worker's counters must start at zero (a fresh worker).
+    in flight inside the worker; ``baseline`` is what the worker had handled before the burst.
     """
     import threading
 
@@ -556,10 +558,8 @@ def burst(
         elapsed = time.monotonic() - t0
         if elapsed > timeout_s:
             raise TimeoutError(f"burst: handled {seen:.0f} of {n} in {timeout_s:.0f} s")
-        try:
-            seen = handled(scrape_metrics(metrics_url))
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            seen = handled(scrape_metrics(metrics_url)) - baseline
         if t_produced is None and done_producing.is_set():
             t_produced = elapsed
         samples.append((elapsed, max(0.0, produced[0] - seen), rss_kib(pid) if pid else 0))
@@ -597,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     items = [f"item-{i}" for i in range(args.items)]
     start = handled(scrape_metrics(url))
     events = burst_events(args.n, args.users, items, seed=time.time_ns() % 10**6)
-    report = burst(settings, events, args.n + int(start), url, args.pid, args.timeout)
+    report = burst(settings, events, args.n, url, args.pid, args.timeout, baseline=start)
     json.dump(report.as_dict(), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

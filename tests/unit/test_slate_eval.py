@@ -1,0 +1,118 @@
+"""Slate metrics against hand-computed values; the evaluation protocol on a tiny log."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serving.artifacts import LoadedEncoder, load_model, save_model
+from serving.data import Interactions, leave_one_out
+from serving.encoder import EncoderConfig, SequenceEncoder
+from serving.reranker import MISS, RerankTrainConfig, train_reranker
+from serving.slate_eval import (
+    choose_diversity,
+    evaluate_slates,
+    mmr_slates,
+    plot_tradeoff,
+    slate_metrics,
+    slate_ranks,
+    top_k,
+)
+
+torch.set_num_threads(1)
+
+# Items 1..4: 1 and 2 point the same way, 3 and 4 are orthogonal to them and to each other.
+VECS = np.array([[0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
+
+
+def test_slate_ranks_hand_computed() -> None:
+    slates = np.array([[3, 1, 2], [4, -1, -1], [1, 2, 3]])
+    ranks = slate_ranks(slates, np.array([2, 4, 0]))
+    assert ranks.tolist() == [2, 0, MISS]  # target 0 (unknown item) never matches padding
+    with pytest.raises(ValueError, match=r"slates \(U, S\) and targets \(U,\)"):
+        slate_ranks(slates, np.array([1, 2]))
+
+
+def test_slate_metrics_hand_computed() -> None:
+    slates = np.array([[1, 2], [3, 4]])
+    m = slate_metrics(slates, np.array([2, 9]), VECS, k=2)
+    assert m["HR@2"] == 0.5
+    assert m["NDCG@2"] == pytest.approx(0.5 / math.log2(3))
+    # user 0: cos(1, 2) = 1 -> distance 0; user 1: orthogonal -> 1. Mean 0.5.
+    assert m["ILD@2"] == pytest.approx(0.5)
+    assert m["coverage@2"] == 1.0  # items 1..4 of 4
+    m1 = slate_metrics(np.array([[1, 3, 2]]), np.array([1]), VECS, k=1)
+    assert m1 == {"HR@1": 1.0, "NDCG@1": 1.0, "ILD@1": 0.0, "coverage@1": 0.25}
+    with pytest.raises(ValueError, match=r"slates \(U, >= 3\)"):
+        slate_metrics(slates, np.array([1, 2]), VECS, k=3)
+    with pytest.raises(ValueError, match="at least one slate"):
+        slate_metrics(np.zeros((0, 2), np.int64), np.zeros(0, np.int64), VECS, k=2)
+
+
+def test_top_k_and_mmr_slates() -> None:
+    cand = np.array([[1, 2, 3, 4]])
+    scores = np.array([[0.9, 0.8, 0.5, -np.inf]])
+    assert top_k(cand, scores, 4).tolist() == [[1, 2, 3, -1]]
+    assert mmr_slates(cand, scores, VECS, 2, 0.0).tolist() == [[1, 2]]
+    # With diversity, item 2 (a duplicate direction of item 1) loses to item 3.
+    assert mmr_slates(cand, scores, VECS, 2, 0.6).tolist() == [[1, 3]]
+
+
+def test_choose_diversity() -> None:
+    curve = [
+        {"diversity": 0.0, "NDCG@10": 0.100, "ILD@10": 0.50},
+        {"diversity": 0.1, "NDCG@10": 0.099, "ILD@10": 0.60},
+        {"diversity": 0.2, "NDCG@10": 0.0985, "ILD@10": 0.70},
+        {"diversity": 0.3, "NDCG@10": 0.090, "ILD@10": 0.90},
+    ]
+    assert choose_diversity(curve, max_loss=0.02)["diversity"] == 0.2
+    assert choose_diversity(curve, max_loss=0.0)["diversity"] == 0.0
+    with pytest.raises(ValueError, match="diversity 0.0 row"):
+        choose_diversity(curve[1:])
+
+
+@pytest.fixture
+def encoder(tmp_path: Path, tiny_log: Interactions) -> LoadedEncoder:
+    torch.manual_seed(0)
+    items = tiny_log.item_ids()
+    model = SequenceEncoder(EncoderConfig(num_items=len(items), dim=16, heads=2, max_len=8))
+    save_model(model.eval(), tmp_path / "m", items)
+    return load_model(tmp_path / "m", device="cpu")
+
+
+def test_evaluate_slates_protocol(
+    encoder: LoadedEncoder, tiny_log: Interactions, tmp_path: Path
+) -> None:
+    split = leave_one_out(tiny_log)
+    only = evaluate_slates(encoder, split, stages="retrieval", candidates=20)
+    # Retrieval-only on the top-C candidates equals the full ranking at k <= C.
+    assert only["retrieval"]["NDCG@10"] == pytest.approx(only["retrieval_full"]["NDCG@10"])
+    assert only["retrieval"]["HR@10"] == pytest.approx(only["retrieval_full"]["HR@10"])
+    assert "rerank" not in only
+    with pytest.raises(ValueError, match="plot"):
+        plot_tradeoff(only, tmp_path / "x.png")
+    cfg = RerankTrainConfig(candidates=20, prefixes=1, epochs=1)
+    rr = train_reranker(encoder, split, cfg, model={"dim": 16, "max_len": 8}).reranker
+    rep = evaluate_slates(encoder, split, reranker=rr, candidates=20, grid=(0.0, 0.5, 1.0))
+    assert [r["diversity"] for r in rep["curve"]["rerank"]] == [0.0, 0.5, 1.0]
+    assert rep["curve"]["rerank"][0]["NDCG@10"] == pytest.approx(rep["rerank"]["NDCG@10"])
+    assert rep["diversity"] in (0.0, 0.5, 1.0)
+    fixed = evaluate_slates(
+        encoder, split, reranker=rr, candidates=20, grid=(0.0, 1.0), diversity=0.3
+    )
+    assert fixed["diversity"] == 0.3
+    assert plot_tradeoff(fixed, tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="expected stages in"):
+        evaluate_slates(encoder, split, stages="bogus")
+    with pytest.raises(ValueError, match="expected a trained reranker"):
+        evaluate_slates(encoder, split, stages="rerank")
+    rr.net.cfg = rr.net.cfg.__class__(**(rr.cfg.to_dict() | {"encoder_version": "other"}))
+    with pytest.raises(ValueError, match="trained on other"):
+        evaluate_slates(encoder, split, reranker=rr, stages="rerank")
+    empty = leave_one_out(Interactions("e", tuple(u for u in tiny_log.users if len(u.items) < 3)))
+    with pytest.raises(ValueError, match="expected test cases"):
+        evaluate_slates(encoder, empty, stages="retrieval")
