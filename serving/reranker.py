@@ -873,7 +873,7 @@ def train_reranker(
     split: LeaveOneOut,
     cfg: RerankTrainConfig | None = None,
     *,
-    model: dict[str, object] | None = None,
+    model: Mapping[str, object] | None = None,
     categories: Mapping[str, Sequence[str]] | None = None,
     prices: Mapping[str, float] | None = None,
     device: str | torch.device = "cpu",

@@ -42,18 +42,24 @@ class SessionState:
     last_slate: tuple[str, ...] = ()
     events: int = 0
 
-    def is_duplicate(self, event_id: str, ts_ms: int, window_ms: int) -> bool:
+    def is_duplicate(
+        self, event_id: str, ts_ms: int, window_ms: int, fingerprint: str | None = None
+    ) -> bool:
         """True if ``event_id`` was accepted before, within ``window_ms`` of event time."""
-        fp = event_fingerprint(event_id)
+        fp = fingerprint or event_fingerprint(event_id)
         return any(f == fp and abs(ts_ms - t) <= window_ms for f, t in self.recent_events)
 
-    def apply(self, event_id: str, step: Step, max_len: int) -> SessionState:
+    def apply(
+        self, event_id: str, step: Step, max_len: int, fingerprint: str | None = None
+    ) -> SessionState:
         """The state after accepting one event (the caller has ruled out duplicates)."""
         history = (*self.history, step)[-max_len:]
         purchased = self.purchased
         if step.type == "purchase" and step.item not in purchased:
             purchased = (*purchased, step.item)[-MAX_PURCHASED:]
-        recent = (*self.recent_events, (event_fingerprint(event_id), step.ts_ms))[-MAX_EVENT_IDS:]
+        recent = (*self.recent_events, (fingerprint or event_fingerprint(event_id), step.ts_ms))[
+            -MAX_EVENT_IDS:
+        ]
         return replace(
             self,
             history=history,

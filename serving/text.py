@@ -467,9 +467,7 @@ class TextProjection:
     def project(self, x: np.ndarray) -> np.ndarray:
         """``x (n, T)`` → ``(n, D) float32``."""
         if x.ndim != 2 or x.shape[1] != self.text_dim:
-            raise TextError(
-                f"{STAGE}: expected text vectors (n, {self.text_dim}), got {x.shape}"
-            )
+            raise TextError(f"{STAGE}: expected text vectors (n, {self.text_dim}), got {x.shape}")
         out = x.astype(np.float32) @ self.weight + self.bias
         if self.output_norm is not None:
             out *= self.output_norm / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
@@ -557,8 +555,7 @@ def _read_model_config(model_dir: Path) -> tuple[str, list[str]]:
         ids = json.loads((model_dir / "items.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise TextError(
-            f"{STAGE}: expected an encoder artifact (config.json, items.json) in {model_dir}: "
-            f"{exc}"
+            f"{STAGE}: expected an encoder artifact (config.json, items.json) in {model_dir}: {exc}"
         ) from exc
     if not isinstance(cfg, dict) or not isinstance(ids, list):
         raise TextError(f"{STAGE}: expected config.json object and items.json list in {model_dir}")
@@ -673,9 +670,7 @@ class ColdStart:
                 f"fitted for {fitted_for!r}; rerun `streamrec fit-text --model {root}`"
             )
         projection = TextProjection(weight, bias, lam, None if norm is None else float(norm))
-        if projection.dim != len(bias) or (
-            "dim" in meta and int(meta["dim"]) != projection.dim
-        ):
+        if projection.dim != len(bias) or ("dim" in meta and int(meta["dim"]) != projection.dim):
             raise TextError(f"{STAGE}: expected dim {meta.get('dim')}, got {projection.dim}")
         return cls(
             projection,

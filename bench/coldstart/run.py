@@ -25,12 +25,13 @@ among cold items only: does the text vector separate cold items from each other.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -44,7 +45,6 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.numpy import load_file, save_file
 
-from schemas.models import Item
 from serving.artifacts import load_model, save_model
 from serving.data import Interactions, UserHistory, leave_one_out, load_interactions
 from serving.encoder import EncoderConfig
@@ -72,14 +72,18 @@ log = logging.getLogger("bench.coldstart")
 
 
 class CachedText:
-    """A :class:`TextEncoder` whose outputs are cached on disk (safetensors, keyed by the text
-    hash), so reruns of the benchmark skip the slow CPU encoding."""
+    """A :class:`TextEncoder` with a per-dataset disk cache (safetensors matrix + JSON list of
+    the texts), so reruns of the benchmark skip the slow CPU encoding."""
 
     def __init__(self, cache_dir: Path, dataset: str) -> None:
         self.inner = TextEncoder(batch_size=64)
-        self.cache_dir = cache_dir
-        self.dataset = dataset
+        self.matrix_path = cache_dir / f"{dataset}-minilm.safetensors"
+        self.texts_path = cache_dir / f"{dataset}-minilm.json"
         self.seconds = 0.0
+        self.memory: dict[str, np.ndarray] = {}
+        if self.matrix_path.is_file() and self.texts_path.is_file():
+            x = load_file(str(self.matrix_path))["x"]
+            self.memory = dict(zip(json.loads(self.texts_path.read_text()), x, strict=True))
 
     @property
     def dim(self) -> int:
@@ -89,17 +93,19 @@ class CachedText:
     def name(self) -> str:
         return self.inner.name
 
-    def encode(self, texts: list[str]) -> np.ndarray:  # (n, 384) float32
-        key = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
-        path = self.cache_dir / f"{self.dataset}-{key}.safetensors"
-        if path.is_file():
-            return load_file(str(path))["x"]
-        started = time.perf_counter()
-        x = self.inner.encode(texts)
-        self.seconds += time.perf_counter() - started
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"x": x}, str(path))
-        return x
+    def encode(self, texts: Sequence[str]) -> np.ndarray:  # (n, 384) float32
+        todo = sorted({t for t in texts if t not in self.memory})
+        if todo:
+            started = time.perf_counter()
+            self.memory.update(zip(todo, self.inner.encode(todo), strict=True))
+            self.seconds += time.perf_counter() - started
+            self.matrix_path.parent.mkdir(parents=True, exist_ok=True)
+            keys = list(self.memory)
+            save_file({"x": np.stack([self.memory[k] for k in keys])}, str(self.matrix_path))
+            self.texts_path.write_text(json.dumps(keys))
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([self.memory[t] for t in texts]).astype(np.float32)
 
 
 def drop_items(data: Interactions, cold: set[str]) -> Interactions:
@@ -240,10 +246,13 @@ def main(
     )
     result, vocab, log_ = train_encoder(split, model_cfg, train_cfg)
     warm_test = evaluate_split(result.model, split, log_, "test", max_len=max_len)
-    console.print(f"encoder: best epoch {result.best_epoch}, {result.seconds}s, warm test "
-                  f"HR@10={warm_test.metrics['HR@10']:.4f}")
+    console.print(
+        f"encoder: best epoch {result.best_epoch}, {result.seconds}s, warm test "
+        f"HR@10={warm_test.metrics['HR@10']:.4f}"
+    )
 
     text = CachedText(cache_dir, dataset)
+    text.encode([item_text(catalog_items[i]) for i in all_ids])  # one pass fills the cache
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         save_model(result.model, model_dir, vocab.ids, dataset=f"{dataset}-warm")
@@ -288,7 +297,9 @@ def main(
 
     cold_variants = {
         "ridge (raw)": raw.project(cold_text),
-        "ridge + norm match (shipped)": cold_start.vectors_for([catalog_items[i] for i in cold_ids]),
+        "ridge + norm match (shipped)": cold_start.vectors_for(
+            [catalog_items[i] for i in cold_ids]
+        ),
         "text-kNN(10)": knn,
         "text-kNN(10) + norm match": norm_to(knn),
         "MLP": mlp_vecs,
@@ -333,23 +344,37 @@ def main(
 
     # Popularity: warm counts; cold items score 0 (ties resolved against the target).
     pop = np.array([counts.get(i, 0) for i in ids], dtype=np.float32)
-    record("popularity", ranks_of(np.ones((len(cases), 1), np.float32), pop[:, None], tgt,
-                                  hist_rows), None)
+    record(
+        "popularity",
+        ranks_of(np.ones((len(cases), 1), np.float32), pop[:, None], tgt, hist_rows),
+        None,
+    )
     rnd = np.random.default_rng(seed + 1).standard_normal((len(cases), 32)).astype(np.float32)
     rnd_items = np.random.default_rng(seed + 2).standard_normal((len(ids), 32)).astype(np.float32)
-    record("random", ranks_of(rnd, rnd_items, tgt, hist_rows),
-           ranks_of(rnd, rnd_items, tgt, hist_rows, cold_mask))
+    record(
+        "random",
+        ranks_of(rnd, rnd_items, tgt, hist_rows),
+        ranks_of(rnd, rnd_items, tgt, hist_rows, cold_mask),
+    )
     # Text-only profile: mean text vector of the newest max_len prefix items.
-    prof = np.stack([
-        text_all[r[-max_len:]].mean(0) if len(r) else np.zeros(text_all.shape[1], np.float32)
-        for r in hist_rows
-    ])
-    record("text-only user profile", ranks_of(prof, text_all, tgt, hist_rows),
-           ranks_of(prof, text_all, tgt, hist_rows, cold_mask))
+    prof = np.stack(
+        [
+            text_all[r[-max_len:]].mean(0) if len(r) else np.zeros(text_all.shape[1], np.float32)
+            for r in hist_rows
+        ]
+    )
+    record(
+        "text-only user profile",
+        ranks_of(prof, text_all, tgt, hist_rows),
+        ranks_of(prof, text_all, tgt, hist_rows, cold_mask),
+    )
     for name, vecs in cold_variants.items():
         cat = np.concatenate([id_vecs, vecs.astype(np.float32)])
-        record(f"encoder + {name}", ranks_of(users, cat, tgt, hist_rows),
-               ranks_of(users, cat, tgt, hist_rows, cold_mask))
+        record(
+            f"encoder + {name}",
+            ranks_of(users, cat, tgt, hist_rows),
+            ranks_of(users, cat, tgt, hist_rows, cold_mask),
+        )
     # Context: where cold targets would land with a zero vector (no cold-start module).
     cat0 = np.concatenate([id_vecs, np.zeros((len(cold_ids), id_vecs.shape[1]), np.float32)])
     record("encoder, cold items = zero vector", ranks_of(users, cat0, tgt, hist_rows), None)

@@ -34,7 +34,7 @@ from serving.reranker import (
 from serving.types import EVENT_TYPES, Step
 
 torch.set_num_threads(1)
-FAST = RerankTrainConfig(candidates=20, prefixes=2, epochs=4, patience=4, batch_size=32)
+FAST = RerankTrainConfig(candidates=20, prefixes=2, epochs=3, patience=3, batch_size=32)
 SMALL = {"dim": 16, "heads": 2, "max_len": 8}
 
 
@@ -329,13 +329,12 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     import typer
 
     from serving.synthetic import make_shop, write_jsonl
-    from streamrec.cli import app as base_app
     from streamrec.commands import rerank
 
     app = typer.Typer()
     app.command("noop")(lambda: None)
     rerank.register(app)
-    shop = make_shop(n_items=48, n_users=60, events_per_user=8)
+    shop = make_shop(n_items=48, n_users=40, events_per_user=8)
     events = write_jsonl(shop.events, tmp_path / "ev.jsonl")
     runner = CliRunner()
     from serving.data import load_interactions
@@ -357,7 +356,9 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
             "train-reranker",
             *args,
             "--epochs",
-            "2",
+            "1",
+            "--prefixes",
+            "1",
             "--candidates",
             "20",
             "--dim",
@@ -406,4 +407,3 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
         ],
     )
     assert res.exit_code == 2
-    assert base_app is not None
