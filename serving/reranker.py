@@ -57,6 +57,8 @@ WEIGHTS, CONFIG = "reranker.safetensors", "reranker.json"
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
 N_NUMERIC = 5  # z-score, gap to best, popularity, log1p(history count), in-history flag
+_POPULARITY = 2  # the per-item column of the numeric features
+_DYNAMIC = [0, 1, 3, 4]  # the per-(user, candidate) columns
 
 
 class RerankerError(RuntimeError):
@@ -75,7 +77,7 @@ class RerankerConfig:
     ffn_mult: int = 2
     max_len: int = 50  # newest history steps read
     dropout: float = 0.1
-    rank_buckets: int = 10  # 1 + floor(log2(1 + rank)), capped; 0 = invalid candidate
+    rank_buckets: int = 8  # 1 + floor(log2(1 + rank)), ranks >= 63 share the last; 0 = invalid
     recency_buckets: int = 8  # 1 + floor(log2(1 + steps since)), capped; 0 = not in history
     n_categories: int = 0  # category vocabulary size (ids 1..n); 0 = no category feature
     max_categories: int = 4
@@ -322,6 +324,8 @@ class RerankerNet(nn.Module):
         nn.init.zeros_(self.head.bias)
         self._proj_table: torch.Tensor | None = None
         self._proj_key: tuple[int, int, int] | None = None
+        self._tok_table: torch.Tensor | None = None
+        self._tok_key: tuple[int, ...] | None = None
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """``(..., dim)`` projected item embeddings for vocabulary indices ``items (...)``.
@@ -342,6 +346,34 @@ class RerankerNet(nn.Module):
             self._proj_table = self.item_proj(self.item_table)
             self._proj_key = key
         return self._proj_table[items]
+
+    def _static_tokens(self, items: torch.Tensor) -> torch.Tensor:
+        """``(..., dim)``: the part of a candidate token that depends on the item alone
+        (projected vector, popularity, categories, price)."""
+        tok = self.item_proj(self.item_table[items])
+        tok = tok + self.popularity[items][..., None] * self.numeric.weight[:, _POPULARITY]
+        if self.cat_emb is not None:
+            cats = self.item_categories[items]  # (..., M)
+            n_cats = (cats > 0).sum(dim=-1, keepdim=True).clamp(min=1)
+            tok = tok + self.cat_emb(cats).sum(dim=-2) / n_cats
+        if self.price_emb is not None:
+            tok = tok + self.price_emb(self.item_price[items])
+        return tok
+
+    def item_tokens(self, items: torch.Tensor) -> torch.Tensor:
+        """``(..., dim)`` static candidate tokens; cached per weight version when serving,
+        like :meth:`item_vectors` (one gather per candidate instead of four)."""
+        if not torch.is_inference_mode_enabled():
+            return self._static_tokens(items)
+        parts = [self.item_table, self.popularity, self.item_proj.weight, self.item_proj.bias]
+        parts += [self.numeric.weight]
+        parts += [m.weight for m in (self.cat_emb, self.price_emb) if m is not None]
+        key = tuple(t._version for t in parts)
+        if self._tok_key != key or self._tok_table is None:
+            all_items = torch.arange(self.item_table.shape[0], device=self.item_table.device)
+            self._tok_table = self._static_tokens(all_items)
+            self._tok_key = key
+        return self._tok_table[items]
 
     def sequence(self, seq_items: torch.Tensor, seq_types: torch.Tensor) -> torch.Tensor:
         """``(B, L + 1, dim)`` sequence keys: a null token then the (normalised) history."""
@@ -390,27 +422,21 @@ class RerankerNet(nn.Module):
         # History match: (B, C, L); the newest matching step decides recency and event type.
         seq = x.seq_items
         t = seq.shape[1]
-        match = (cand[:, :, None] == seq[:, None, :]) & (seq[:, None, :] > 0)
-        steps = torch.arange(1, t + 1, device=cand.device)
-        last = (match * steps).amax(dim=2)  # (B, C), 1-based position, 0 = not in history
+        # Padding (0) in the history becomes -1 so it never matches a padded candidate (0).
+        match = cand[:, :, None] == seq.masked_fill(seq == 0, -1)[:, None, :]
+        steps = torch.arange(1, t + 1, device=cand.device, dtype=torch.int32)
+        last = torch.where(match, steps, 0).amax(dim=2).long()  # 1-based; 0 = not in history
         seen = last > 0
         idx = (last - 1).clamp(min=0)
         hist_type = torch.where(seen, x.seq_types.gather(1, idx), 0)
         recency = torch.where(seen, _log2_bucket(t - last, self.cfg.recency_buckets), 0)
         count = match.sum(dim=2).float()
-        numeric = torch.stack(
-            [z, gap.clamp(min=-20.0), self.popularity[cand], torch.log1p(count), seen.float()],
-            dim=2,
+        dynamic = torch.stack([z, gap.clamp(min=-20.0), torch.log1p(count), seen.float()], dim=2)
+        tok = self.item_tokens(cand) + F.linear(
+            dynamic, self.numeric.weight[:, _DYNAMIC], self.numeric.bias
         )
-        tok = self.item_vectors(cand) + self.numeric(numeric)
         tok = tok + self.rank_emb(rank_b) + self.recency_emb(recency)
         tok = tok + self.hist_type_emb(hist_type)
-        if self.cat_emb is not None:
-            cats = self.item_categories[cand]  # (B, C, M)
-            n_cats = (cats > 0).sum(dim=2, keepdim=True).clamp(min=1)
-            tok = tok + self.cat_emb(cats).sum(dim=2) / n_cats
-        if self.price_emb is not None:
-            tok = tok + self.price_emb(self.item_price[cand])
         return self.drop(self.cand_ln(tok)), z
 
     def forward(self, x: RerankInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,10 +445,9 @@ class RerankerNet(nn.Module):
         seq_mask = self._seq_mask(x.seq_items)
         tok, z = self.candidates(x)
         valid = x.cand_items > 0
-        c = valid.shape[1]
-        # A candidate always sees itself, so an all-invalid row keeps a finite softmax.
-        eye = torch.eye(c, dtype=torch.bool, device=valid.device)
-        cand_mask = (valid[:, None, :] | eye)[:, None]
+        # Key mask (B, 1, 1, C), broadcast over queries instead of a (B, 1, C, C) tensor; a row
+        # with no valid candidate lets every key through so its softmax stays finite.
+        cand_mask = (valid | ~valid.any(dim=1, keepdim=True))[:, None, None, :]
         for layer in self.layers:
             tok = layer(tok, cand_mask, seq, seq_mask)
         scores = self.head(self.out_ln(tok)).squeeze(-1) + self.alpha * z

@@ -59,6 +59,7 @@ class StreamWorker:
         self.recommender = recommender
         self.metrics = metrics
         self.passthrough = passthrough
+        self.exactly_once = settings.processing_guarantee == "exactly_once"
         self.feeds: list[Any] = []
         # One thread for model work: batches are processed in order, and the event loop
         # stays free to heartbeat and fetch while torch/faiss run.
@@ -148,8 +149,9 @@ class StreamWorker:
 
     async def forward_batch(self, batch: list[EventT]) -> None:
         self.metrics.batch_size.observe(len(batch))
-        for ev in batch:
-            self.recs_topic.send_soon(key=ev.message.key, value=ev.message.value)
+        await self._send_all(
+            self.recs_topic, [OutMessage(ev.message.key, ev.message.value or b"") for ev in batch]
+        )
         self.metrics.recommendations_produced.inc(len(batch))
 
     async def handle_batch(self, batch: list[EventT]) -> None:
@@ -194,8 +196,13 @@ class StreamWorker:
         await self._send_all(self.dlq_topic, finished.dead_letters)
         await self._send_all(self.recs_topic, finished.recommendations)
 
-    @staticmethod
-    async def _send_all(topic: faust.TopicT, messages: list[OutMessage]) -> None:
+    async def _send_all(self, topic: faust.TopicT, messages: list[OutMessage]) -> None:
+        if self.exactly_once:
+            # Faust's transaction manager routes each send to the transaction of the output
+            # partition; send_soon would bypass it through the plain producer's buffer.
+            for m in messages:
+                await topic.send(key=m.key, value=m.value)
+            return
         # send_soon appends to the producer buffer without a round trip per message; the
         # buffer is flushed before offsets are committed, so at-least-once still holds.
         for m in messages:

@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+# One BLAS thread: MMR's many small batched products are slower with a contended thread pool.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -111,6 +115,7 @@ def main(
     enc_epochs: int = 12,
     enc_negatives: Annotated[int, typer.Option(help="0 = full softmax")] = 256,
     max_loss: float = 0.02,
+    curve_users: Annotated[int | None, typer.Option(help="users in the MMR curves")] = 4000,
     threads: int = 2,
 ) -> None:
     if dataset not in DATASETS:
@@ -149,6 +154,8 @@ def main(
         which="valid",
         candidates=candidates,
         max_loss=max_loss,
+        retrieval_curve=False,
+        curve_users=curve_users,
     )
     weight = float(valid["diversity"])
     test = evaluate_slates(
@@ -158,6 +165,7 @@ def main(
         which="test",
         candidates=candidates,
         diversity=weight,
+        curve_users=curve_users,
     )
     hist = [
         [Step(it, t, 0) for it, t in zip(u.items, u.types, strict=True)][-50:]

@@ -28,8 +28,8 @@ def fit_text(
         typer.Option(help="training log, to store per-item counts for blending thin items"),
     ] = None,
     log_format: Annotated[str, typer.Option(help=LOG_FORMAT_HELP)] = "events",
-    no_match_norm: Annotated[
-        bool, typer.Option(help="keep ridge output norms (default rescales to warm median)")
+    match_norm: Annotated[
+        bool, typer.Option(help="rescale outputs to the median warm-item norm (measured worse)")
     ] = False,
     blend_k: Annotated[float, typer.Option(help="a = n / (n + k) for thin items")] = 5.0,
 ) -> None:
@@ -45,7 +45,7 @@ def fit_text(
             data = load_interactions(log, log_format)
             counts = count_interactions([u.items for u in data.users])
         report = fit_text_projection(
-            model, catalog, train_counts=counts, match_norm=not no_match_norm, blend_k=blend_k
+            model, catalog, train_counts=counts, match_norm=match_norm, blend_k=blend_k
         )
     except (TextError, DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc

@@ -159,6 +159,14 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     assert report["exclude_history"] is False
     assert report["extra"]["model_version"] == config["version"]
 
+    short = write_events(tmp_path / "short.jsonl", users=3)
+    short.write_text("\n".join(short.read_text().splitlines()[:2]) + "\n")
+    result = runner.invoke(
+        app, ["evaluate", "--model", str(model), "--data", str(short), "--format", "events"]
+    )
+    assert result.exit_code == 2
+    assert "users with >= 3 interactions" in result.output
+
 
 def test_cli_errors(tmp_path: Path) -> None:
     runner = CliRunner()

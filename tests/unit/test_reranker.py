@@ -407,3 +407,16 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
         ],
     )
     assert res.exit_code == 2
+
+
+def test_serving_caches_match_the_training_path(trained: TransformerReranker) -> None:
+    """Inference mode uses cached per-item tables; eval without them must give the same."""
+    net = trained.net.eval()
+    reqs = [SlateRequest("a", history(["i1", "i2", "i3"])), SlateRequest("b", history(["i9"]))]
+    cands = candidates_for(reqs, list(trained.vocab.ids))
+    x = trained.inputs(reqs, cands)
+    with torch.no_grad():
+        slow = net(x)[0]
+    with torch.inference_mode():
+        fast = net(x)[0]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

@@ -215,7 +215,7 @@ def test_fit_projection_reports_heldout_quality_and_matches_norm() -> None:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((300, 16)).astype(np.float32)
     y = (x @ rng.standard_normal((16, 8)) + 0.05 * rng.standard_normal((300, 8))).astype(np.float32)
-    proj, report = fit_projection(x, y, lambdas=(0.01, 1000.0))
+    proj, report = fit_projection(x, y, lambdas=(0.01, 1000.0), match_norm=True)
     assert report.lam == 0.01
     assert report.heldout_items == 30
     assert report.train_items == 270
@@ -224,7 +224,7 @@ def test_fit_projection_reports_heldout_quality_and_matches_norm() -> None:
     assert set(report.per_lambda_cosine) == {"0.01", "1000"}
     median = float(np.median(np.linalg.norm(y, axis=1)))
     np.testing.assert_allclose(np.linalg.norm(proj.project(x[:5]), axis=1), median, rtol=1e-5)
-    raw, _ = fit_projection(x, y, match_norm=False)
+    raw, _ = fit_projection(x, y)
     assert raw.output_norm is None
 
 
