@@ -118,13 +118,18 @@ class EncodeStage:
         out[cold] = self.fallback
         warm = np.flatnonzero(~cold)
         if len(warm):
-            vecs = np.asarray(self.encoder.encode([requests[i].history for i in warm]))
+            vecs = np.array(self.encoder.encode([requests[i].history for i in warm]))
             if vecs.shape != (len(warm), self.index.dim):
                 raise ValueError(
                     f"{self.name}: expected user vectors ({len(warm)}, {self.index.dim}) from "
                     f"encoder {self.encoder.version}, got {vecs.shape}"
                 )
+            # A history of items the index has but the encoder never saw (cold-start items
+            # only) encodes to zeros: treat it as a cold user too.
+            empty = ~np.any(vecs, axis=1)
+            vecs[empty] = self.fallback
             out[warm] = vecs
+            cold[warm[empty]] = True
         return Encoded(requests, out, cold)
 
 

@@ -714,7 +714,7 @@ class RerankTrainConfig:
     """Optimisation and candidate-logging settings (model shape lives in RerankerConfig)."""
 
     candidates: int = 100  # C retrieved per training/validation case
-    prefixes: int = 3  # newest training positions per user used as training cases
+    prefixes: int = 10  # newest training positions per user used as training cases
     epochs: int = 30
     batch_size: int = 256
     lr: float = 1e-3

@@ -452,7 +452,8 @@ def fuzz_messages(
 
     def empty_value() -> Fuzzed:
         e = base()
-        return keyed(e, rng.choice([b"", None]) or None, "empty_value")
+        value: bytes | None = rng.choice([b"", None])
+        return keyed(e, value, "empty_value")
 
     makers = [
         (invalid_json, 12),

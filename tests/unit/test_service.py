@@ -100,3 +100,12 @@ def test_cold_item_is_retrievable_from_its_text() -> None:
 def test_requires_a_model_dir() -> None:
     with pytest.raises(ValueError, match="model_dir"):
         Recommender.load(Settings(model_dir=None))
+
+
+def test_history_of_only_cold_items_falls_back_to_the_cold_user_vector() -> None:
+    rec = make(AxisColdStart())
+    rec.upsert_item(item("brand-new"))
+    slate = slate_for(rec, "brand-new")
+    assert len(slate) == 3  # the fallback vector ranks real items, not all-zero scores
+    scores = rec.recommend([("u", [Step("brand-new", "view", 0)])])[0].scores
+    assert max(scores) > 0
