@@ -17,6 +17,7 @@ Decisions:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -268,6 +269,51 @@ class OrderStage:
         return Ordered(cands, positions.astype(np.int64))
 
 
+class FreshItems:
+    """Items the encoder never saw (embedded from their text), offered reserved slots.
+
+    Inside the full catalogue a text-projected vector rarely reaches a user's top 10 (ridge
+    projections shrink towards the mean), yet among new items it ranks them well; so new
+    items get ``fresh_slots`` places of their own in every slate, filled by user-vector score.
+    Written by the catalog thread, read by the model thread: snapshots are copied under a lock.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._lock = threading.Lock()
+        self._vectors: dict[str, np.ndarray] = {}
+        self._snapshot: tuple[list[str], np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def put(self, item_id: str, vector: np.ndarray) -> None:
+        vec = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if vec.shape != (self.dim,):
+            raise ValueError(f"fresh items: expected a ({self.dim},) vector, got {vec.shape}")
+        with self._lock:
+            self._vectors[item_id] = vec
+            self._snapshot = None
+
+    def remove(self, item_id: str) -> None:
+        with self._lock:
+            if self._vectors.pop(item_id, None) is not None:
+                self._snapshot = None
+
+    def snapshot(self) -> tuple[list[str], np.ndarray]:
+        """(ids, (F, D) float32 vectors) at this moment."""
+        with self._lock:
+            if self._snapshot is None:
+                ids = list(self._vectors)
+                vecs = (
+                    np.stack([self._vectors[i] for i in ids])
+                    if ids
+                    else np.zeros((0, self.dim), np.float32)
+                )
+                self._snapshot = (ids, vecs)
+            return self._snapshot
+
+
 class PipelineSettings(Protocol):
     """The settings fields the pipeline reads (``streamrec.settings.Settings`` has them)."""
 
@@ -302,6 +348,8 @@ class Pipeline:
         fallback_vector: np.ndarray | None = None,
         on_stage: StageCallback | None = None,
         mmr_pool: int = 50,
+        fresh: FreshItems | None = None,
+        fresh_slots: int = 1,
     ) -> None:
         if encoder.dim != index.dim:
             raise ValueError(
@@ -322,6 +370,7 @@ class Pipeline:
             )
         self.encoder, self.index, self.catalog = encoder, index, catalog
         self.on_stage = on_stage
+        self.fresh, self.fresh_slots = fresh, max(0, min(fresh_slots, slate_size))
         rows = CatalogRows(catalog, index) if catalog is not None else None
         self.encode = EncodeStage(encoder, index, fallback_vector)
         self.retrieve = RetrieveStage(index, candidates)
@@ -403,8 +452,38 @@ class Pipeline:
         cands = self.rerank(cands)
         t = self._timed(self.rerank.name, t)
         ordered = self.order(cands)
+        slates = self._slates(ordered)
+        if self.fresh is not None and self.fresh_slots and len(self.fresh):
+            slates = self._reserve_fresh(encoded, slates)
         self._timed(self.order.name, t)
-        return self._slates(ordered)
+        return slates
+
+    def _reserve_fresh(self, encoded: Encoded, slates: list[Slate]) -> list[Slate]:
+        """Put each user's best-scoring new items into the last ``fresh_slots`` places."""
+        assert self.fresh is not None
+        ids, vecs = self.fresh.snapshot()
+        if not ids:
+            return slates
+        scores = encoded.user_vectors @ vecs.T  # (B, F)
+        top = min(len(ids), self.fresh_slots + 32)  # room for excluded ones
+        best = np.argsort(-scores, axis=1)[:, :top]
+        size = self.order.slate_size
+        out = []
+        for b, slate in enumerate(slates):
+            taken = set(slate.item_ids) | set(self.filter.excluded_items(encoded.requests[b]))
+            picks = [j for j in best[b] if ids[j] not in taken][: self.fresh_slots]
+            if not picks:
+                out.append(slate)
+                continue
+            keep = max(0, min(len(slate.item_ids), size - len(picks)))
+            out.append(
+                replace(
+                    slate,
+                    item_ids=[*slate.item_ids[:keep], *(ids[j] for j in picks)],
+                    scores=[*slate.scores[:keep], *(float(scores[b, j]) for j in picks)],
+                )
+            )
+        return out
 
     def _slates(self, ordered: Ordered) -> list[Slate]:
         c = ordered.candidates

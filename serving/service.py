@@ -18,7 +18,7 @@ import numpy as np
 from schemas.models import Item
 from serving.artifacts import LoadedEncoder, load_model
 from serving.catalog import Catalog, ItemMeta
-from serving.pipeline import Pipeline, Slate, SlateRequest
+from serving.pipeline import FreshItems, Pipeline, Slate, SlateRequest
 from serving.text import ColdStart
 from serving.types import Step
 from streamrec.metrics import Metrics
@@ -71,8 +71,14 @@ class Recommender:
             self.metrics.stage_duration.labels(stage=name).observe(seconds)
 
     def _build(self, encoder: LoadedEncoder) -> Pipeline:
+        fresh = FreshItems(encoder.dim)
         pipeline = Pipeline.from_settings(
-            encoder, self.catalog, self.settings, on_stage=self._on_stage
+            encoder,
+            self.catalog,
+            self.settings,
+            on_stage=self._on_stage,
+            fresh=fresh,
+            fresh_slots=self.settings.fresh_slots,
         )
         # Items the catalog already retired or marked unavailable stay out of the new index.
         blocked = [i for i in encoder.item_ids() if not self.catalog.is_available([i])[0]]
@@ -81,7 +87,10 @@ class Recommender:
         known = set(encoder.item_ids())
         cold = [i for i in self._cold_items.values() if i.item_id not in known and i.available]
         if cold and self.cold_start is not None:
-            pipeline.index.upsert([i.item_id for i in cold], self.cold_start.vectors_for(cold))
+            vectors = self.cold_start.vectors_for(cold)
+            pipeline.index.upsert([i.item_id for i in cold], vectors)
+            for item, vector in zip(cold, vectors, strict=True):
+                fresh.put(item.item_id, vector)
         return pipeline
 
     def _publish_info(self) -> None:
@@ -131,12 +140,20 @@ class Recommender:
             index = pipeline.index
             if not item.available:
                 index.remove([item.item_id])
+                self._fresh(pipeline).remove(item.item_id)
                 return
             if index.contains(item.item_id):
                 return
             vector = self._vector_for(pipeline, item)
             if vector is not None:
                 index.upsert([item.item_id], vector[None, :])
+                if item.item_id not in self._row_of:
+                    self._fresh(pipeline).put(item.item_id, vector)
+
+    @staticmethod
+    def _fresh(pipeline: Pipeline) -> FreshItems:
+        assert pipeline.fresh is not None  # every pipeline we build has one
+        return pipeline.fresh
 
     def _vector_for(self, pipeline: Pipeline, item: Item) -> np.ndarray | None:
         """The embedding for an item that is not in the index: the model's own when it has
@@ -155,6 +172,7 @@ class Recommender:
             self._cold_items.pop(item_id, None)
             self.catalog.delete(item_id)
             self._pipeline.index.remove([item_id])
+            self._fresh(self._pipeline).remove(item_id)
 
     # --- models -------------------------------------------------------------------------
     def swap_model(self, model_dir: str | Path) -> bool:

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     candidates: int = Field(200, ge=1, le=2000)
     diversity: float = Field(0.2, ge=0.0, le=1.0, description="MMR weight on diversity")
     filter_seen: bool = False
+    fresh_slots: int = Field(
+        1, ge=0, le=10, description="slate places reserved for new (text-embedded) items"
+    )
     session_max_len: int = Field(50, ge=1, le=1000)
     dedupe_window_s: float = Field(3600.0, gt=0)
     max_message_bytes: int = Field(64 * 1024, ge=256)

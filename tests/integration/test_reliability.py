@@ -367,6 +367,20 @@ def test_model_hot_swap_under_load(
     assert around < 30_000
 
 
+def _wait_assigned(worker: WorkerProcess, timeout_s: float) -> None:
+    """Wait until ``worker`` owns an events partition: its lag gauge gets a series per
+    assigned partition (refreshed every 2 s)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(
+            k.startswith("streamrec_consumer_lag_messages{")
+            for k in scrape_metrics(worker.metrics_url)
+        ):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no events partition assigned in {timeout_s} s:\n{worker.tail()}")
+
+
 # --- 2. Two workers, rebalance -------------------------------------------------------------------
 @pytest.mark.slow
 def test_partitions_and_state_move_to_a_second_worker(
@@ -384,6 +398,7 @@ def test_partitions_and_state_move_to_a_second_worker(
         produce_records(producer, s1.topic_events, _encoded(a))
         chaos.wait_handled(w1.metrics_url, len(a), 180, "worker 1")
         w2.start()
+        _wait_assigned(w2, 180)  # the rebalance is done: part 2 is shared by both
         produce_records(producer, s1.topic_events, _encoded(b))
         chaos.wait_committed(s1, 240)
         time.sleep(SETTLE_S)

@@ -109,3 +109,20 @@ def test_history_of_only_cold_items_falls_back_to_the_cold_user_vector() -> None
     assert len(slate) == 3  # the fallback vector ranks real items, not all-zero scores
     scores = rec.recommend([("u", [Step("brand-new", "view", 0)])])[0].scores
     assert max(scores) > 0
+
+
+def test_new_items_get_a_reserved_slot_even_far_from_the_user() -> None:
+    rec = make(AxisColdStart())
+    rec.upsert_item(item("brand-new"))
+    slate = slate_for(rec, "i3", "i4")
+    assert len(slate) == 3
+    assert slate[-1] == "brand-new"  # orthogonal to this user, yet shown
+    rec.upsert_item(item("brand-new", available=False))
+    assert "brand-new" not in slate_for(rec, "i3", "i4")
+
+
+def test_reserved_slots_can_be_turned_off() -> None:
+    settings = Settings(slate_size=3, candidates=6, diversity=0.0, fresh_slots=0)
+    rec = Recommender(TinyEncoder(), settings, None, AxisColdStart())  # type: ignore[arg-type]
+    rec.upsert_item(item("brand-new"))
+    assert "brand-new" not in slate_for(rec, "i3", "i4")
