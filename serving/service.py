@@ -18,7 +18,8 @@ import numpy as np
 from schemas.models import Item
 from serving.artifacts import LoadedEncoder, load_model
 from serving.catalog import Catalog, ItemMeta
-from serving.pipeline import FreshItems, Pipeline, Slate, SlateRequest
+from serving.pipeline import FreshItems, Pipeline, Reranker, Slate, SlateRequest
+from serving.reranker import load_reranker
 from serving.text import ColdStart
 from serving.types import Step
 from streamrec.metrics import Metrics
@@ -36,6 +37,7 @@ class Recommender:
         settings: Settings,
         metrics: Metrics | None = None,
         cold_start: ColdStart | None = None,
+        reranker: Reranker | None = None,
     ) -> None:
         """cold_start: text-projected vectors for catalog items the encoder never saw; without
         it such items are known (their events are accepted) but not retrievable."""
@@ -43,6 +45,7 @@ class Recommender:
         self.metrics = metrics
         self.catalog = Catalog()
         self.cold_start = cold_start
+        self.reranker = reranker
         # Catalog items the model has no embedding for, kept to re-embed after a model swap.
         self._cold_items: dict[str, Item] = {}
         self._lock = threading.Lock()
@@ -60,7 +63,11 @@ class Recommender:
         if settings.model_dir is None:
             raise ValueError("recommender: expected settings.model_dir, got None")
         rec = cls(
-            load_model(settings.model_dir), settings, metrics, ColdStart.load(settings.model_dir)
+            load_model(settings.model_dir),
+            settings,
+            metrics,
+            ColdStart.load(settings.model_dir),
+            load_reranker(settings.model_dir),
         )
         rec._model_dir = str(Path(settings.model_dir).resolve())
         return rec
@@ -79,6 +86,7 @@ class Recommender:
             on_stage=self._on_stage,
             fresh=fresh,
             fresh_slots=self.settings.fresh_slots,
+            reranker=self.reranker,
         )
         # Items the catalog already retired or marked unavailable stay out of the new index.
         blocked = [i for i in encoder.item_ids() if not self.catalog.is_available([i])[0]]
@@ -182,8 +190,10 @@ class Recommender:
         if encoder.version == self.model_version:
             return False
         cold_start = ColdStart.load(model_dir)
+        reranker = load_reranker(model_dir)
         with self._lock:
             self.cold_start = cold_start
+            self.reranker = reranker
             pipeline = self._build(encoder)
             self._set_vocab(encoder)
             self._pipeline = pipeline

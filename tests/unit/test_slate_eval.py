@@ -107,6 +107,18 @@ def test_evaluate_slates_protocol(
     )
     assert fixed["diversity"] == 0.3
     assert plot_tradeoff(fixed, tmp_path / "c.png").stat().st_size > 1000
+    sub = evaluate_slates(
+        encoder,
+        split,
+        reranker=rr,
+        candidates=20,
+        grid=(0.0,),
+        curve_users=10,
+        retrieval_curve=False,
+    )
+    assert sub["curve_users"] == 10
+    assert set(sub["curve"]) == {"rerank"}
+    assert sub["users"] == len(split.test)  # headline rows still use every user
     with pytest.raises(ValueError, match="expected stages in"):
         evaluate_slates(encoder, split, stages="bogus")
     with pytest.raises(ValueError, match="expected a trained reranker"):
