@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 from typer.testing import CliRunner
 
+from schemas.models import ErrorCode
 from streamrec.cli import app
 from streamrec.metrics import SLATE_HIT_KS, Metrics
 from streamrec.monitoring import (
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.prometheus
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 STAGES = ("encode", "retrieve", "filter", "rerank", "order")
-REASONS = ("invalid_json", "schema", "too_large")
+REASONS = ("invalid_json", "missing_field", "oversize")
 
 
 class FakeWorker:
@@ -56,7 +57,7 @@ class FakeWorker:
             m.slate_hits.labels(k=str(k))
         for op in ("upsert", "delete"):
             m.items_consumed.labels(op=op)
-        m.items_rejected.labels(reason="schema")
+        m.items_rejected.labels(reason="missing_field")
         m.model_info.labels(model_version="m-20240101", index_version="i-42").set(1)
         m.index_items.set(5000)
         m.index_updated.set(time.time())
@@ -133,7 +134,8 @@ def test_every_panel_and_alert_query_returns_series(workers: list[FakeWorker]) -
     assert by_title["Consumed /s per worker [A]"].series == 2
     assert by_title["Per-stage latency p99 [A]"].series == len(STAGES)
     assert by_title["Online hit rate at k [A]"].series == len(SLATE_HIT_KS)
-    assert by_title["Dead-letter rate by reason [A]"].series == len(REASONS)
+    # Every reason is exported from the start (at 0), so the panel shows all of them.
+    assert by_title["Dead-letter rate by reason [A]"].series == len(ErrorCode)
     assert by_title["Consumer lag per partition [A]"].series == 4
 
 
