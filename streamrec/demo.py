@@ -26,6 +26,7 @@ from streamrec.kafka_local import LocalKafka, LocalKafkaError
 from streamrec.procs import WorkerProcess, free_port
 from streamrec.replay import (
     OutputCollector,
+    TimelineRecorder,
     event_records,
     make_producer,
     produce_records,
@@ -229,12 +230,14 @@ def _run(
         console.print(f"  [cyan]{followed}[/] -> {top}")
 
     worker = WorkerProcess(settings, workdir / "worker.log")
+    timeline = workdir / "timeline.jsonl"
     with worker, OutputCollector(settings, on_recommendation=show) as collector:
-        started = time.perf_counter()
-        sent = produce_records(producer, settings.topic_events, _with_noise(replay), rate=rate)
-        sent_s = time.perf_counter() - started
-        metrics = _wait_drained(worker, sent, timeout_s=60)
-        elapsed = time.perf_counter() - started
+        with TimelineRecorder(worker.metrics_url, collector, timeline):
+            started = time.perf_counter()
+            sent = produce_records(producer, settings.topic_events, _with_noise(replay), rate=rate)
+            sent_s = time.perf_counter() - started
+            metrics = _wait_drained(worker, sent, timeout_s=120)
+            elapsed = time.perf_counter() - started
         got = collector.snapshot()
 
     # 4. Summary ----------------------------------------------------------------------
@@ -271,7 +274,13 @@ def _run(
         table.add_row(k, str(v))
     console.print(table)
     write_json(workdir / "summary.json", summary)
-    console.print(f"summary written to {workdir / 'summary.json'}; worker log {worker.log_path}")
+    from streamrec.report import read_timeline, write_report
+
+    pngs = write_report(read_timeline(timeline), workdir / "report", title="streamrec demo")
+    console.print(
+        f"summary: {workdir / 'summary.json'}; plots: {', '.join(str(p) for p in pngs)}; "
+        f"worker log: {worker.log_path}"
+    )
     if not summary["accounting_ok"]:
         raise DemoError("accounting does not add up: see the summary above")
     return summary

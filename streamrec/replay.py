@@ -212,3 +212,55 @@ def scrape_metrics(url: str, timeout: float = 5.0) -> dict[str, float]:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+class TimelineRecorder:
+    """Samples a worker's counters and the collector's latencies once a second into a
+    timeline (JSON lines; format in docs/monitoring.md) for ``streamrec report``."""
+
+    def __init__(self, metrics_url: str, collector: OutputCollector, path: Path) -> None:
+        self.metrics_url = metrics_url
+        self.collector = collector
+        self.path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="timeline", daemon=True)
+
+    def __enter__(self) -> TimelineRecorder:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        seen = 0
+        with self.path.open("w") as fh:
+            while not self._stop.wait(1.0):
+                try:
+                    m = scrape_metrics(self.metrics_url)
+                except OSError:
+                    continue
+                snap = self.collector.snapshot()
+                window = snap.latencies_ms[seen:]
+                seen = len(snap.latencies_ms)
+                evaluated = m.get("streamrec_slates_evaluated_total", 0.0)
+                hits = m.get('streamrec_slate_hits_total{k="10"}', 0.0)
+                point = {
+                    "t": round(time.monotonic() - started, 3),
+                    "consumed": int(_sum(m, "streamrec_events_consumed_total")),
+                    "produced": int(m.get("streamrec_recommendations_produced_total", 0.0)),
+                    "rejected": int(_sum(m, "streamrec_events_rejected_total")),
+                    "duplicates": int(m.get("streamrec_events_duplicate_total", 0.0)),
+                    "p50_ms": float(np.percentile(window, 50)) if window else None,
+                    "p99_ms": float(np.percentile(window, 99)) if window else None,
+                    "hit_rate_10": hits / evaluated if evaluated else None,
+                }
+                fh.write(json.dumps(point) + "\n")
+                fh.flush()
+
+
+def _sum(metrics: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith(prefix))

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".streamrec/worker")
     store: str = Field("rocksdb://", description="faust table store: rocksdb:// or memory://")
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    kafka_session_timeout_s: float = Field(
+        10.0, ge=6.0, le=300.0, description="consumer group session timeout (failover time)"
+    )
     model_dir: Path | None = None
     batch_size: int = Field(256, ge=1, description="max events per micro-batch")
     batch_within_s: float = Field(0.02, gt=0, description="max wait to fill a micro-batch")

@@ -92,6 +92,9 @@ class StreamWorker:
             producer_compression_type="lz4",
             stream_wait_empty=False,
             broker_commit_interval=1.0,
+            # A crashed worker's partitions move after this long (Faust's default is 60 s).
+            broker_session_timeout=s.kafka_session_timeout_s,
+            broker_heartbeat_interval=min(3.0, s.kafka_session_timeout_s / 3),
             # Table keys (user ids) and values (session dicts) go through JSON, so both come
             # back as the same str/dict after changelog recovery; topics set raw explicitly.
             key_serializer="json",
