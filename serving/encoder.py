@@ -13,13 +13,14 @@ are the same thing for full-length sequences.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.configs import config_from_dict, config_to_dict
 from serving.data import GAP_BUCKETS, Features
 from serving.types import EVENT_TYPES
 
@@ -52,15 +53,11 @@ class EncoderConfig:
             raise ValueError(f"{STAGE}: expected max_len >= 1, got {self.max_len}")
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, object]) -> EncoderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{STAGE}: expected config keys {sorted(known)}, got extra {unknown}")
-        return cls(**raw)  # type: ignore[arg-type]
+        return config_from_dict(cls, raw, STAGE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from serving.configs import config_from_dict, config_to_dict
 from serving.data import EncodedLog, ItemVocab, LeaveOneOut, sequence_features
 from serving.encoder import SequenceEncoder, collate
 from serving.evaluate import metrics_from_ranks
@@ -102,15 +103,11 @@ class RerankerConfig:
             )
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, object]) -> RerankerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{STAGE}: expected config keys {sorted(known)}, got extra {unknown}")
-        return cls(**raw)  # type: ignore[arg-type]
+        return config_from_dict(cls, raw, STAGE)
 
 
 @dataclass(frozen=True, slots=True)
