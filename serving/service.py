@@ -62,11 +62,16 @@ class Recommender:
     def load(cls, settings: Settings, metrics: Metrics | None = None) -> Recommender:
         if settings.model_dir is None:
             raise ValueError("recommender: expected settings.model_dir, got None")
+        cold_start = ColdStart.load(settings.model_dir)
+        if cold_start is not None:
+            # Load the sentence encoder now, not on the first new item: that item must be
+            # retrievable within a second of its publication.
+            cold_start.text_encoder.encode(["warm-up"])
         rec = cls(
             load_model(settings.model_dir),
             settings,
             metrics,
-            ColdStart.load(settings.model_dir),
+            cold_start,
             load_reranker(settings.model_dir),
         )
         rec._model_dir = str(Path(settings.model_dir).resolve())

@@ -80,7 +80,7 @@ class _BroadcastFeed:
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
             at_eof: set[int] = set()
             while not self._stop.is_set():
-                msgs = consumer.consume(num_messages=500, timeout=0.2)
+                msgs = consumer.consume(num_messages=500, timeout=0.05)
                 for msg in msgs:
                     err = msg.error()
                     partition, offset = msg.partition() or 0, msg.offset() or 0

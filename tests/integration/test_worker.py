@@ -241,7 +241,10 @@ def test_restart_recovers_sessions_from_the_changelog(
         produce_records(producer, s.topic_events, replayed)
         produce_records(producer, s.topic_events, event_records(later))
         metrics = _wait_handled(worker, len(replayed) + len(later))
-    assert metrics["streamrec_events_duplicate_total"] == len(replayed)
+    # At-least-once: events of the first run whose offsets were not committed yet come back
+    # too; recovered state must recognise every old event as a duplicate and accept only
+    # the new ones.
+    assert metrics["streamrec_events_duplicate_total"] >= len(replayed)
     assert _sum(metrics, "streamrec_events_consumed_total") == len(later)
     # Each new event was checked against the slate sent before the restart.
     assert metrics["streamrec_slates_evaluated_total"] == len(later)
