@@ -193,11 +193,14 @@ class StreamWorker:
             index_version=self.recommender.index_version,
             error=error,
         )
+        # Outputs first, session writes (changelog) after: if the worker dies in between, the
+        # redelivered events find no record of themselves and are answered again (a repeated
+        # trigger_event_id), rather than taken for duplicates that never got a slate.
+        await self._send_all(self.dlq_topic, finished.dead_letters)
+        await self._send_all(self.recs_topic, finished.recommendations)
         for user_id, state, ref in finished.session_writes:
             _use_event(ref)
             self.sessions[user_id] = state
-        await self._send_all(self.dlq_topic, finished.dead_letters)
-        await self._send_all(self.recs_topic, finished.recommendations)
 
     async def _send_all(self, topic: faust.TopicT, messages: list[OutMessage]) -> None:
         if self.exactly_once:
