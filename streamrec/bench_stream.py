@@ -23,17 +23,15 @@ from streamrec.procs import WorkerProcess, free_port
 from streamrec.replay import (
     OutputCollector,
     event_records,
+    handled,
     make_producer,
+    metric_sum,
     produce_records,
     scrape_metrics,
     write_json,
 )
 from streamrec.settings import Settings
 from streamrec.topics import design_topics, ensure_topics
-
-
-def _summed(metrics: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in metrics.items() if k.startswith(prefix))
 
 
 def _one_run(
@@ -80,18 +78,13 @@ def _one_run(
         deadline = time.time() + 180
         while time.time() < deadline:
             m = scrape_metrics(worker.metrics_url)
-            handled = (
-                _summed(m, "streamrec_recommendations_produced_total")
-                - _summed(base_metrics, "streamrec_recommendations_produced_total")
+            done = (
+                metric_sum(m, "streamrec_recommendations_produced_total")
+                - metric_sum(base_metrics, "streamrec_recommendations_produced_total")
                 if passthrough
-                else _summed(m, "streamrec_events_consumed_total")
-                + _summed(m, "streamrec_events_rejected_total")
-                + m.get("streamrec_events_duplicate_total", 0.0)
-                - _summed(base_metrics, "streamrec_events_consumed_total")
-                - _summed(base_metrics, "streamrec_events_rejected_total")
-                - base_metrics.get("streamrec_events_duplicate_total", 0.0)
+                else handled(m) - handled(base_metrics)
             )
-            if handled >= sent:
+            if done >= sent:
                 break
             time.sleep(0.2)
         time.sleep(1.0)
@@ -119,10 +112,10 @@ def _one_run(
         },
     }
     if not passthrough:
-        accepted = _summed(metrics, "streamrec_events_consumed_total") - _summed(
+        accepted = metric_sum(metrics, "streamrec_events_consumed_total") - metric_sum(
             base_metrics, "streamrec_events_consumed_total"
         )
-        rejected = _summed(metrics, "streamrec_events_rejected_total") - _summed(
+        rejected = metric_sum(metrics, "streamrec_events_rejected_total") - metric_sum(
             base_metrics, "streamrec_events_rejected_total"
         )
         dups = metrics.get("streamrec_events_duplicate_total", 0.0) - base_metrics.get(

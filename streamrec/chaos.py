@@ -31,7 +31,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from serving.session import SessionState, event_fingerprint
 from serving.types import Step
 from streamrec.kafka_config import confluent_config
-from streamrec.replay import make_producer, now_ms, produce_records, scrape_metrics
+from streamrec.replay import (  # noqa: F401 - metric_sum is re-exported for the tests
+    handled,
+    make_producer,
+    metric_sum,
+    now_ms,
+    produce_records,
+    scrape_metrics,
+)
 from streamrec.settings import Settings
 from streamrec.topics import changelog_topic
 
@@ -262,19 +269,6 @@ def wait_committed(settings: Settings, timeout_s: float, group: str | None = Non
 
 
 # --- Metrics ----------------------------------------------------------------------------------
-def metric_sum(metrics: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in metrics.items() if k.split("{")[0] == prefix)
-
-
-def handled(metrics: dict[str, float]) -> float:
-    """Messages a worker has finished with: accepted + rejected + duplicates."""
-    return (
-        metric_sum(metrics, "streamrec_events_consumed_total")
-        + metric_sum(metrics, "streamrec_events_rejected_total")
-        + metric_sum(metrics, "streamrec_events_duplicate_total")
-    )
-
-
 def wait_handled(url: str, n: float, timeout_s: float, what: str = "worker") -> dict[str, float]:
     """Poll ``url`` until the worker has handled ``n`` messages; returns the last scrape."""
     deadline = time.monotonic() + timeout_s

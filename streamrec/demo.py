@@ -28,7 +28,9 @@ from streamrec.replay import (
     OutputCollector,
     TimelineRecorder,
     event_records,
+    handled,
     make_producer,
+    metric_sum,
     produce_records,
     scrape_metrics,
     write_json,
@@ -241,8 +243,8 @@ def _run(
         got = collector.snapshot()
 
     # 4. Summary ----------------------------------------------------------------------
-    accepted = sum(v for k, v in metrics.items() if k.startswith("streamrec_events_consumed_total"))
-    rejected = sum(v for k, v in metrics.items() if k.startswith("streamrec_events_rejected_total"))
+    accepted = metric_sum(metrics, "streamrec_events_consumed_total")
+    rejected = metric_sum(metrics, "streamrec_events_rejected_total")
     dups = metrics.get("streamrec_events_duplicate_total", 0.0)
     coalesced = metrics.get("streamrec_recommendations_coalesced_total", 0.0)
     produced = metrics.get("streamrec_recommendations_produced_total", 0.0)
@@ -292,12 +294,7 @@ def _wait_drained(worker: WorkerProcess, sent: int, timeout_s: float) -> dict[st
     metrics: dict[str, float] = {}
     while time.monotonic() < deadline:
         metrics = scrape_metrics(worker.metrics_url)
-        done = sum(
-            v
-            for k, v in metrics.items()
-            if k.startswith(("streamrec_events_consumed_total", "streamrec_events_rejected_total"))
-        ) + metrics.get("streamrec_events_duplicate_total", 0.0)
-        if done >= sent:
+        if handled(metrics) >= sent:
             time.sleep(1.0)  # let the last slates reach the collector
             return scrape_metrics(worker.metrics_url)
         time.sleep(0.25)

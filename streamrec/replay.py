@@ -209,6 +209,21 @@ def scrape_metrics(url: str, timeout: float = 5.0) -> dict[str, float]:
     return out
 
 
+def metric_sum(metrics: dict[str, float], name: str) -> float:
+    """Sum of every sample of metric ``name`` (all label values) in a ``scrape_metrics``
+    result."""
+    return sum(v for k, v in metrics.items() if k.split("{")[0] == name)
+
+
+def handled(metrics: dict[str, float]) -> float:
+    """Messages a worker has finished with: accepted + rejected + duplicates."""
+    return (
+        metric_sum(metrics, "streamrec_events_consumed_total")
+        + metric_sum(metrics, "streamrec_events_rejected_total")
+        + metric_sum(metrics, "streamrec_events_duplicate_total")
+    )
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
@@ -250,9 +265,9 @@ class TimelineRecorder:
                 hits = m.get('streamrec_slate_hits_total{k="10"}', 0.0)
                 point = {
                     "t": round(time.monotonic() - started, 3),
-                    "consumed": int(_sum(m, "streamrec_events_consumed_total")),
+                    "consumed": int(metric_sum(m, "streamrec_events_consumed_total")),
                     "produced": int(m.get("streamrec_recommendations_produced_total", 0.0)),
-                    "rejected": int(_sum(m, "streamrec_events_rejected_total")),
+                    "rejected": int(metric_sum(m, "streamrec_events_rejected_total")),
                     "duplicates": int(m.get("streamrec_events_duplicate_total", 0.0)),
                     "p50_ms": float(np.percentile(window, 50)) if window else None,
                     "p99_ms": float(np.percentile(window, 99)) if window else None,
@@ -260,7 +275,3 @@ class TimelineRecorder:
                 }
                 fh.write(json.dumps(point) + "\n")
                 fh.flush()
-
-
-def _sum(metrics: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in metrics.items() if k.startswith(prefix))

@@ -18,7 +18,9 @@ from streamrec.procs import WorkerProcess, free_port
 from streamrec.replay import (
     OutputCollector,
     event_records,
+    handled,
     make_producer,
+    metric_sum,
     produce_records,
     scrape_metrics,
 )
@@ -61,23 +63,15 @@ def _publish_items(settings: Settings, shop: SyntheticShop) -> None:
     )
 
 
-def _handled(metrics: dict[str, float]) -> float:
-    return sum(
-        v
-        for k, v in metrics.items()
-        if k.startswith(("streamrec_events_consumed_total", "streamrec_events_rejected_total"))
-    ) + metrics.get("streamrec_events_duplicate_total", 0.0)
-
-
 def _wait_handled(worker: WorkerProcess, n: int, timeout_s: float = 60) -> dict[str, float]:
     deadline = time.monotonic() + timeout_s
     metrics: dict[str, float] = {}
     while time.monotonic() < deadline:
         metrics = scrape_metrics(worker.metrics_url)
-        if _handled(metrics) >= n:
+        if handled(metrics) >= n:
             return metrics
         time.sleep(0.2)
-    raise AssertionError(f"worker handled {_handled(metrics)} of {n} messages:\n{worker.tail()}")
+    raise AssertionError(f"worker handled {handled(metrics)} of {n} messages:\n{worker.tail()}")
 
 
 def _wait_collected(collector: OutputCollector, recs: int, dlq: int, timeout_s: float = 30) -> None:
@@ -87,10 +81,6 @@ def _wait_collected(collector: OutputCollector, recs: int, dlq: int, timeout_s: 
         if got.recommendations >= recs and got.dead_letters >= dlq:
             return
         time.sleep(0.1)
-
-
-def _sum(metrics: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in metrics.items() if k.startswith(prefix))
 
 
 def _malformed(shop: SyntheticShop) -> Iterator[tuple[bytes | None, bytes | None, str]]:
@@ -131,7 +121,7 @@ def test_every_message_is_accounted_for(settings: Settings, shop: SyntheticShop)
         produce_records(producer, settings.topic_events, dup_src)
         sent = len(good) + len(bad) + len(dup_src)
         metrics = _wait_handled(worker, sent)
-        accepted = _sum(metrics, "streamrec_events_consumed_total")
+        accepted = metric_sum(metrics, "streamrec_events_consumed_total")
         produced = metrics["streamrec_recommendations_produced_total"]
         coalesced = metrics["streamrec_recommendations_coalesced_total"]
         _wait_collected(collector, int(produced), len(bad))
@@ -139,7 +129,7 @@ def test_every_message_is_accounted_for(settings: Settings, shop: SyntheticShop)
         assert worker.alive(), worker.tail()
 
     assert accepted == len(good)
-    assert _sum(metrics, "streamrec_events_rejected_total") == len(bad)
+    assert metric_sum(metrics, "streamrec_events_rejected_total") == len(bad)
     assert metrics["streamrec_events_duplicate_total"] == len(dup_src)
     assert produced == accepted - coalesced
     assert got.recommendations == produced
@@ -245,6 +235,6 @@ def test_restart_recovers_sessions_from_the_changelog(
     # too; recovered state must recognise every old event as a duplicate and accept only
     # the new ones.
     assert metrics["streamrec_events_duplicate_total"] >= len(replayed)
-    assert _sum(metrics, "streamrec_events_consumed_total") == len(later)
+    assert metric_sum(metrics, "streamrec_events_consumed_total") == len(later)
     # Each new event was checked against the slate sent before the restart.
     assert metrics["streamrec_slates_evaluated_total"] == len(later)
