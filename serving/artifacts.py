@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,14 +19,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from serving.data import ItemVocab, sequence_features
-from serving.encoder import EncoderConfig, SequenceEncoder, collate
+from serving.data import Features, ItemVocab, gap_bucket, sequence_features
+from serving.encoder import EncoderConfig, Past, SequenceEncoder, collate
 from serving.train import resolve_device
 from serving.types import EVENT_TYPE_ID, Step
 
 STAGE = "artifacts"
 WEIGHTS, CONFIG, ITEMS = "model.safetensors", "config.json", "items.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: EncoderConfig.positions (version 1 artifacts count from the newest)
 
 
 class ArtifactError(RuntimeError):
@@ -80,8 +82,66 @@ def _read_json(path: Path) -> object:
         raise ArtifactError(f"{STAGE}: expected valid JSON in {path}, got: {exc}") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    """One user's encoded window.
+
+    ``steps`` history steps went in, ``first`` and ``last`` of them are how a continuation is
+    recognised (the worker's windows only ever grow by appending); ``known`` of them were
+    model inputs, the newest at ``last_ts``. ``kv (L, 2, H, max_len, D / H) float32`` holds
+    every block's keys/values, ``[..., :known, :]`` filled; ``vector (D,)`` the user vector.
+    """
+
+    steps: int
+    first: Step
+    last: Step
+    known: int
+    last_ts: int
+    kv: np.ndarray
+    vector: np.ndarray
+
+    def continued_by(self, history: Sequence[Step]) -> bool:
+        n = self.steps
+        return len(history) >= n and history[0] == self.first and history[n - 1] == self.last
+
+
+class EncoderCache:
+    """Per-user encoder state, least recently used evicted past ``capacity`` users.
+
+    Memory: ``8 * layers * dim * max_len`` bytes per user (51 KB for the default dim 64,
+    2 layers, 50 steps); a miss only costs a full re-encode, never a different result.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"{STAGE}: expected cache capacity >= 1, got {capacity}")
+        self.capacity = capacity
+        self._users: OrderedDict[str, _Cached] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def get(self, key: str) -> _Cached | None:
+        entry = self._users.get(key)
+        if entry is not None:
+            self._users.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: _Cached) -> None:
+        self._users[key] = entry
+        self._users.move_to_end(key)
+        while len(self._users) > self.capacity:
+            self._users.popitem(last=False)
+
+
 class LoadedEncoder:
-    """A trained encoder ready to serve: ``serving.types.UserEncoder``."""
+    """A trained encoder ready to serve: ``serving.types.UserEncoder``.
+
+    ``cache_users > 0`` keeps that many users' keys/values (:class:`EncoderCache`), so
+    :meth:`encode_users` costs one step per new event instead of the whole window; it needs
+    a model with ``positions='oldest'`` and is ignored otherwise.
+    """
 
     def __init__(
         self,
@@ -90,6 +150,7 @@ class LoadedEncoder:
         version: str,
         config: Mapping[str, object],
         device: torch.device,
+        cache_users: int = 0,
     ) -> None:
         self.model = model.eval().to(device)
         self.vocab = ItemVocab(item_ids)
@@ -97,6 +158,8 @@ class LoadedEncoder:
         self.device = device
         self._version = version
         self._item_vectors: np.ndarray | None = None
+        cacheable = cache_users > 0 and model.cfg.positions == "oldest"
+        self.cache = EncoderCache(cache_users) if cacheable else None
 
     @property
     def version(self) -> str:
@@ -128,6 +191,10 @@ class LoadedEncoder:
         ts = np.fromiter((s.ts_ms for s in history), np.int64, n)
         return items, types, ts
 
+    def _model_inputs(self, history: Sequence[Step]) -> Features:
+        items, types, ts = self.features(history)
+        return sequence_features(items, types, ts, self.max_len)
+
     @torch.inference_mode()
     def encode(self, histories: Sequence[Sequence[Step]]) -> np.ndarray:
         """``(B, D) float32`` user vectors; steps on unknown items are skipped, the newest
@@ -136,8 +203,7 @@ class LoadedEncoder:
         out = np.zeros((len(histories), self.dim), dtype=np.float32)
         feats, rows = [], []
         for b, history in enumerate(histories):
-            items, types, ts = self.features(history)
-            f = sequence_features(items, types, ts, self.max_len)
+            f = self._model_inputs(history)
             if len(f):
                 feats.append(f)
                 rows.append(b)
@@ -146,9 +212,133 @@ class LoadedEncoder:
             out[rows] = self.model.user_vectors(batch).float().cpu().numpy()
         return out
 
+    @torch.inference_mode()
+    def encode_users(self, keys: Sequence[str], histories: Sequence[Sequence[Step]]) -> np.ndarray:
+        """:meth:`encode` for users named by ``keys``, reusing and refreshing the cache.
 
-def load_model(directory: Path | str, device: str | torch.device | None = None) -> LoadedEncoder:
-    """Load an artifact directory written by :func:`save_model`. Never unpickles."""
+        A user whose cached window the new history continues (same first step, the cached
+        steps followed by new ones) costs only the new steps, from id lookup to the forward;
+        anyone else is encoded in full. The result equals :meth:`encode` (parity tested).
+        """
+        if self.cache is None:
+            return self.encode(histories)
+        if len(keys) != len(histories):
+            raise ValueError(
+                f"{STAGE}: expected one key per history, got {len(keys)} and {len(histories)}"
+            )
+        out = np.zeros((len(histories), self.dim), dtype=np.float32)
+        fresh: list[tuple[int, Features]] = []
+        grow: list[tuple[int, Features, _Cached]] = []
+        for b, (key, history) in enumerate(zip(keys, histories, strict=True)):
+            entry = self.cache.get(key)
+            if entry is not None and entry.continued_by(history):
+                self.cache.hits += 1
+                tail = self._tail(entry, history[entry.steps :])
+                if len(tail) and entry.known + len(tail) <= self.max_len:
+                    grow.append((b, tail, entry))
+                    continue
+                if not len(tail):  # nothing new the model knows: same vector
+                    out[b] = entry.vector
+                    if len(history) > entry.steps:
+                        self.cache.put(key, self._moved(entry, history))
+                    continue
+            else:
+                self.cache.misses += 1
+            f = self._model_inputs(history)
+            if len(f):
+                fresh.append((b, f))
+        if fresh:
+            self._run(keys, histories, out, [(b, f, None) for b, f in fresh])
+        if grow:
+            self._run(keys, histories, out, grow)
+        return out
+
+    def _tail(self, entry: _Cached, steps: Sequence[Step]) -> Features:
+        """Model inputs of ``steps`` appended to ``entry``'s window (gaps from its newest).
+
+        Plain Python: a tail is one or two steps, where numpy's per-call cost dominates.
+        """
+        index = self.vocab.index
+        items, types, gaps = [], [], []
+        prev = entry.last_ts
+        for step in steps:
+            i = index.get(step.item, 0)
+            if i:
+                items.append(i)
+                types.append(EVENT_TYPE_ID.get(step.type, 0))
+                gaps.append(gap_bucket(step.ts_ms - prev))
+                prev = step.ts_ms
+        return Features(*(np.array(x, dtype=np.int64) for x in (items, types, gaps)))
+
+    @staticmethod
+    def _moved(entry: _Cached, history: Sequence[Step]) -> _Cached:
+        return replace(entry, steps=len(history), last=history[-1])
+
+    def _run(
+        self,
+        keys: Sequence[str],
+        histories: Sequence[Sequence[Step]],
+        out: np.ndarray,
+        rows: Sequence[tuple[int, Features, _Cached | None]],
+    ) -> None:
+        """One forward for ``rows``: all fresh windows, or all new steps of cached ones."""
+        assert self.cache is not None
+        cfg = self.model.cfg
+        past: Past | None = None
+        known = [e.known if e is not None else 0 for _, _, e in rows]
+        width = max(known)
+        if width:
+            kv = np.stack([e.kv[..., :width, :] for _, _, e in rows if e is not None], axis=2)
+            valid = np.arange(width)[None, :] < np.asarray(known)[:, None]  # (B, P)
+            t = torch.from_numpy(kv).to(self.device)
+            past = Past(
+                tuple((t[i, 0], t[i, 1]) for i in range(cfg.layers)),
+                torch.from_numpy(valid).to(self.device),
+            )
+        batch = collate([f for _, f, _ in rows]).to(self.device)
+        vectors, own = self.model.extend(batch, past)
+        vec = vectors.float().cpu().numpy()
+        new_kv = torch.stack([torch.stack(pair) for pair in own]).float().cpu().numpy()
+        t_new = new_kv.shape[4]
+        for r, (b, f, e) in enumerate(rows):
+            k, start = len(f), known[r]
+            if e is None:
+                buf = np.zeros(
+                    (cfg.layers, 2, cfg.heads, cfg.max_len, cfg.dim // cfg.heads), np.float32
+                )
+            else:
+                # Appending after ``known`` leaves the entry's own steps untouched, so the
+                # buffer is shared with the entry being replaced.
+                buf = e.kv
+            buf[..., start : start + k, :] = new_kv[:, :, r, :, t_new - k :]
+            history = histories[b]
+            out[b] = vec[r]
+            last_ts = history[-1].ts_ms
+            for step in reversed(history):
+                if step.item in self.vocab.index:
+                    last_ts = step.ts_ms
+                    break
+            self.cache.put(
+                keys[b],
+                _Cached(
+                    steps=len(history),
+                    first=history[0],
+                    last=history[-1],
+                    known=start + k,
+                    last_ts=last_ts,
+                    kv=buf,
+                    vector=vec[r].copy(),
+                ),
+            )
+
+
+def load_model(
+    directory: Path | str, device: str | torch.device | None = None, cache_users: int = 0
+) -> LoadedEncoder:
+    """Load an artifact directory written by :func:`save_model`. Never unpickles.
+
+    ``cache_users``: see :class:`LoadedEncoder` (the stream worker sets it).
+    """
     path = Path(directory)
     if not path.is_dir():
         raise ArtifactError(f"{STAGE}: expected a model directory, found nothing at {path}")
@@ -158,8 +348,11 @@ def load_model(directory: Path | str, device: str | torch.device | None = None) 
         raise ArtifactError(f"{STAGE}: expected {path / CONFIG} to hold a 'model' object")
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
         raise ArtifactError(f"{STAGE}: expected {path / ITEMS} to hold a list of item id strings")
+    raw = dict(config["model"])
+    if int(config.get("format_version", 1)) < 2:
+        raw.setdefault("positions", "newest")
     try:
-        cfg = EncoderConfig.from_dict(config["model"])
+        cfg = EncoderConfig.from_dict(raw)
     except (TypeError, ValueError) as exc:
         raise ArtifactError(
             f"{STAGE}: expected valid model settings in {path / CONFIG}: {exc}"
@@ -183,4 +376,4 @@ def load_model(directory: Path | str, device: str | torch.device | None = None) 
             f"{STAGE}: expected weights matching config.json in {weights}: {exc}"
         ) from exc
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    return LoadedEncoder(model, items, str(config.get("version", "")), config, dev)
+    return LoadedEncoder(model, items, str(config.get("version", "")), config, dev, cache_users)

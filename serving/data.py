@@ -358,6 +358,12 @@ def gap_buckets(ts_ms: np.ndarray | None, n: int) -> np.ndarray:
     return out
 
 
+def gap_bucket(gap_ms: int) -> int:
+    """:func:`gap_buckets` for one gap (a step after the first), in plain Python."""
+    gap_s = max(gap_ms, 0) / 1000.0
+    return 2 + min(math.floor(math.log2(1.0 + gap_s)), GAP_BUCKETS - 3)
+
+
 @dataclass(frozen=True, slots=True)
 class Features:
     """Model inputs for one sequence, oldest first, all ``(T,) int64``."""

@@ -4,10 +4,17 @@ SASRec/HSTU family. A user vector is the final hidden state at the newest step; 
 score of an item is ``user_vec · item_vec`` with the item table shared between input and output
 (tied embeddings), so the same vectors go into FAISS.
 
-Inputs are left-padded ``(B, T)`` int64 batches (0 = padding). Positions count back from the
-newest step (0 = newest), which makes a batch padded to its own longest sequence give exactly
-the same user vectors as one padded to ``max_len``; SASRec's left-padded absolute positions
-are the same thing for full-length sequences.
+Inputs are left-padded ``(B, T)`` int64 batches (0 = padding). Positions (``positions``):
+
+- ``"oldest"`` (default): 0 = the oldest step of the window. The state after step t depends on
+  steps 0..t only, so the training forward computes exactly what serving computes for every
+  prefix, and a user's keys/values can be cached and extended by one step per event
+  (:meth:`SequenceEncoder.extend`, parity with the full forward tested).
+- ``"newest"``: 0 = the newest step (the first artifacts). Every new event shifts every
+  position, so there is nothing to cache.
+
+Either way a batch padded to its own longest sequence gives exactly the user vectors of one
+padded to ``max_len``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from serving.data import GAP_BUCKETS, Features
 from serving.types import EVENT_TYPES
 
 STAGE = "encoder"
+POSITIONS = ("oldest", "newest")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class EncoderConfig:
     attn_dropout: float = 0.2
     use_types: bool = True
     use_time: bool = True
+    positions: str = "oldest"  # one of POSITIONS, see the module docstring
 
     def __post_init__(self) -> None:
         if self.num_items < 1:
@@ -51,6 +60,8 @@ class EncoderConfig:
             )
         if self.max_len < 1:
             raise ValueError(f"{STAGE}: expected max_len >= 1, got {self.max_len}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"{STAGE}: expected positions in {POSITIONS}, got {self.positions!r}")
 
     def to_dict(self) -> dict[str, object]:
         return config_to_dict(self)
@@ -90,6 +101,25 @@ def collate(seqs: Sequence[Features], length: int | None = None) -> Batch:
     return Batch(tens[0], tens[1], tens[2])
 
 
+#: Cached keys and values of one layer: ``(k, v)``, each ``(B, H, P, D / H)`` float32.
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class Past:
+    """What earlier steps left behind for :meth:`SequenceEncoder.extend`.
+
+    kv: one ``LayerKV`` per block, left-padded along P; valid: ``(B, P) bool`` real steps.
+    """
+
+    kv: tuple[LayerKV, ...]
+    valid: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:  # (B,) int64
+        return self.valid.sum(dim=1)
+
+
 class _Block(nn.Module):
     """Pre-LayerNorm Transformer block with causal self-attention."""
 
@@ -105,21 +135,32 @@ class _Block(nn.Module):
         self.ff2 = nn.Linear(cfg.ffn_mult * cfg.dim, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """``x (B, T, D)``, ``mask (B, 1, Tq, T) bool`` (True = may attend).
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        past: LayerKV | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, LayerKV]:
+        """``x (B, T, D)`` new steps, ``mask (B, 1, Tq, P + T) bool`` (True = may attend),
+        ``past`` the earlier steps' keys/values ``(B, H, P, D / H)``.
 
-        With ``last_only`` only the newest position is computed: returns ``(B, 1, D)``.
+        Returns the new states ``(B, T, D)`` (``(B, 1, D)`` with ``last_only``: only the newest
+        query is computed) and the new steps' own keys/values ``(B, H, T, D / H)``.
         """
         b, t, d = x.shape
         h = self.ln1(x)
         q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        own = (k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         if last_only:
             q, x = q[:, :, -1:], x[:, -1:]
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
         x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, -1, d)))
-        return x + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(x)))))
+        return x + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(x))))), own
 
 
 class SequenceEncoder(nn.Module):
@@ -152,15 +193,35 @@ class SequenceEncoder(nn.Module):
             with torch.no_grad():
                 m.weight[m.padding_idx].zero_()
 
-    def _embed(self, batch: Batch) -> torch.Tensor:
-        items = batch.items
+    def _positions(self, items: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """``(B, T) int64`` position ids of left-padded ``items``; ``offset (B,)`` = steps the
+        window already holds before these (cached encoding)."""
         t = items.shape[1]
-        if t > self.cfg.max_len:
+        if self.cfg.positions == "newest":
+            if offset is not None:
+                raise ValueError(
+                    f"{STAGE}: expected positions='oldest' for cached encoding, got 'newest'"
+                )
+            return torch.arange(t - 1, -1, -1, device=items.device).expand_as(items)
+        pos = (items > 0).cumsum(dim=1) - 1
+        if offset is not None:
+            pos = pos + offset[:, None]
+        top = int(pos.max()) if pos.numel() else 0
+        if top >= self.cfg.max_len:
             raise ValueError(
-                f"{STAGE}: expected sequences of at most max_len={self.cfg.max_len}, got {t}"
+                f"{STAGE}: expected windows of at most max_len={self.cfg.max_len} steps, "
+                f"got {top + 1}"
             )
-        pos = torch.arange(t - 1, -1, -1, device=items.device)
-        x = self.item_emb(items) + self.pos_emb(pos)
+        return pos.clamp_(min=0)
+
+    def _embed(self, batch: Batch, offset: torch.Tensor | None = None) -> torch.Tensor:
+        items = batch.items
+        if offset is None and items.shape[1] > self.cfg.max_len:
+            raise ValueError(
+                f"{STAGE}: expected sequences of at most max_len={self.cfg.max_len}, "
+                f"got {items.shape[1]}"
+            )
+        x = self.item_emb(items) + self.pos_emb(self._positions(items, offset))
         if self.type_emb is not None:
             x = x + self.type_emb(batch.types)
         if self.gap_emb is not None:
@@ -168,21 +229,26 @@ class SequenceEncoder(nn.Module):
         return self.emb_drop(self.emb_ln(x))
 
     @staticmethod
-    def _mask(items: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, T, T) bool``: causal, padded keys hidden; a padded query sees itself only,
-        which keeps its softmax finite without leaking into real positions."""
+    def _mask(items: torch.Tensor, past_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 1, T, P + T) bool``: causal over the new steps, every real earlier step
+        visible, padded keys hidden; a padded query sees itself only, which keeps its softmax
+        finite without leaking into real positions."""
         t = items.shape[1]
         causal = torch.ones(t, t, dtype=torch.bool, device=items.device).tril()
         valid = (items > 0)[:, None, None, :]
         eye = torch.eye(t, dtype=torch.bool, device=items.device)
-        return causal & (valid | eye)
+        new = causal & (valid | eye)
+        if past_valid is None:
+            return new
+        old = past_valid[:, None, None, :] & valid.transpose(-1, -2)
+        return torch.cat([old, new.expand(len(items), 1, t, t)], dim=-1)
 
     def hidden(self, batch: Batch) -> torch.Tensor:
         """``(B, T, D)`` float32: the state after each step (the training-time forward)."""
         x = self._embed(batch)
         mask = self._mask(batch.items)
         for block in self.blocks:
-            x = block(x, mask)
+            x, _ = block(x, mask)
         return self.out_ln(x)
 
     def user_vectors(self, batch: Batch) -> torch.Tensor:
@@ -191,13 +257,46 @@ class SequenceEncoder(nn.Module):
         The last block computes only the newest query and its FFN, which is where
         serving spends its time; parity with ``hidden(batch)[:, -1]`` is tested.
         """
-        x = self._embed(batch)
-        mask = self._mask(batch.items)
-        for block in self.blocks[:-1]:
-            x = block(x, mask)
-        x = self.blocks[-1](x, mask[:, :, -1:], last_only=True)
-        return self.out_ln(x[:, 0])
+        vectors, _ = self.extend(batch, None)
+        return vectors
+
+    def extend(self, batch: Batch, past: Past | None) -> tuple[torch.Tensor, tuple[LayerKV, ...]]:
+        """Encode new steps ``batch (B, T)`` after the cached ``past`` steps (or none).
+
+        Returns the user vectors after the newest step ``(B, D)`` and the new steps' keys and
+        values per block (``(B, H, T, D / H)``, to append to the cache). With ``past`` from an
+        earlier call on the same window this equals :meth:`user_vectors` of the whole window
+        (``positions='oldest'`` only; ``tests/unit/test_encoder.py`` checks it).
+        Rows whose new steps are all padding return undefined vectors.
+        """
+        offset = past.lengths if past is not None else None
+        x = self._embed(batch, offset)
+        mask = self._mask(batch.items, past.valid if past is not None else None)
+        last = mask[:, :, -1:]
+        own: list[LayerKV] = []
+        for i, block in enumerate(self.blocks):
+            kv = past.kv[i] if past is not None else None
+            final = i == len(self.blocks) - 1
+            x, new_kv = block(x, last if final else mask, kv, last_only=final)
+            own.append(new_kv)
+        return self.out_ln(x[:, 0]), tuple(own)
 
     def item_table(self) -> torch.Tensor:
         """``(N + 1, D)`` float32 item vectors; row 0 is padding."""
         return self.item_emb.weight
+
+
+def serving_window(events: int, max_len: int) -> int:
+    """How many of a user's newest steps the stream worker encodes after ``events`` events.
+
+    All of them up to ``max_len``; beyond, the window restarts from the newest
+    ``max_len - max_len // 2 + 1`` steps and grows one step per event back to ``max_len``. A
+    window that only grows is one the encoder cache extends by a single step per event (a
+    full re-encode once every ``max_len // 2`` events), and it depends on the event count
+    alone, so a worker that lost its cache computes the same vectors. The context is thus
+    between about half and all of ``max_len`` steps for long histories.
+    """
+    if events <= max_len:
+        return max(events, 0)
+    half = max(max_len // 2, 1)
+    return max_len - half + 1 + (events - max_len - 1) % half

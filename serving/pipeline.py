@@ -26,9 +26,10 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from serving.catalog import Catalog, CatalogRows
+from serving.encoder import serving_window
 from serving.index import ItemIndex
 from serving.ordering import mmr
-from serving.types import Step, UserEncoder
+from serving.types import CachingUserEncoder, Step, UserEncoder
 
 StageCallback = Callable[[str, float], None]
 
@@ -39,6 +40,7 @@ class SlateRequest:
 
     user_id: str
     history: Sequence[Step]
+    events: int = 0  # events the user ever had (sets the encoder window); 0 = unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +121,7 @@ class EncodeStage:
         out[cold] = self.fallback
         warm = np.flatnonzero(~cold)
         if len(warm):
-            vecs = np.array(self.encoder.encode([requests[i].history for i in warm]))
+            vecs = self._encode([requests[i] for i in warm])
             if vecs.shape != (len(warm), self.index.dim):
                 raise ValueError(
                     f"{self.name}: expected user vectors ({len(warm)}, {self.index.dim}) from "
@@ -132,6 +134,19 @@ class EncodeStage:
             out[warm] = vecs
             cold[warm[empty]] = True
         return Encoded(requests, out, cold)
+
+    def _encode(self, requests: Sequence[SlateRequest]) -> np.ndarray:
+        """An encoder with a per-user cache reads each user's :func:`serving_window`, which
+        only grows between restarts, so most events cost it one step; others read the
+        whole history (their own ``max_len`` cut applies)."""
+        enc = self.encoder
+        if not isinstance(enc, CachingUserEncoder):
+            return np.array(enc.encode([r.history for r in requests]))
+        windows = [
+            r.history[-serving_window(r.events, enc.max_len) :] if r.events else r.history
+            for r in requests
+        ]
+        return np.array(enc.encode_users([r.user_id for r in requests], windows))
 
 
 class RetrieveStage:

@@ -68,7 +68,7 @@ class Recommender:
             # retrievable within a second of its publication.
             cold_start.text_encoder.encode(["warm-up"])
         rec = cls(
-            load_model(settings.model_dir),
+            load_model(settings.model_dir, cache_users=settings.encoder_cache_users),
             settings,
             metrics,
             cold_start,
@@ -134,10 +134,13 @@ class Recommender:
         """An item is known if the model has an embedding for it or the catalog lists it."""
         return item_id in self._row_of or item_id in self.catalog
 
-    def recommend(self, histories: Sequence[tuple[str, Sequence[Step]]]) -> list[Slate]:
-        """One slate per (user_id, history), in order. Runs in the model thread."""
+    def recommend(
+        self, histories: Sequence[tuple[str, Sequence[Step]] | tuple[str, Sequence[Step], int]]
+    ) -> list[Slate]:
+        """One slate per ``(user_id, history[, events ever])``, in order. Runs in the model
+        thread. The event count lets the encoder cache extend a user's window step by step."""
         pipeline = self._pipeline  # one version for the whole batch
-        return pipeline.recommend([SlateRequest(u, h) for u, h in histories])
+        return pipeline.recommend([SlateRequest(*h) for h in histories])
 
     # --- catalog ------------------------------------------------------------------------
     def upsert_item(self, item: Item) -> None:
@@ -191,7 +194,7 @@ class Recommender:
     def swap_model(self, model_dir: str | Path) -> bool:
         """Load ``model_dir`` and serve it from the next batch on. Returns False if it is the
         model already serving (same version)."""
-        encoder = load_model(model_dir)
+        encoder = load_model(model_dir, cache_users=self.settings.encoder_cache_users)
         if encoder.version == self.model_version:
             return False
         cold_start = ColdStart.load(model_dir)

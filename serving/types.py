@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -50,4 +50,17 @@ class UserEncoder(Protocol):
 
     def encode(self, histories: Sequence[Sequence[Step]]) -> np.ndarray:  # (B, D) float32
         """Encode a batch of histories; steps on items the model does not know are skipped."""
+        ...
+
+
+@runtime_checkable
+class CachingUserEncoder(UserEncoder, Protocol):
+    """An encoder that keeps per-user state between calls (``serving.artifacts``)."""
+
+    @property
+    def max_len(self) -> int: ...
+
+    def encode_users(
+        self, keys: Sequence[str], histories: Sequence[Sequence[Step]]
+    ) -> np.ndarray:  # (B, D) float32, equal to ``encode(histories)``
         ...

@@ -64,8 +64,9 @@ class Prepared:
     duplicates: int = 0
 
     @property
-    def histories(self) -> list[tuple[str, tuple[Step, ...]]]:
-        return [(u.user_id, u.state.history) for u in self.users.values()]
+    def histories(self) -> list[tuple[str, tuple[Step, ...], int]]:
+        """``(user_id, history, events ever)`` per user, as ``Recommender.recommend`` takes."""
+        return [(u.user_id, u.state.history, u.state.events) for u in self.users.values()]
 
 
 @dataclass

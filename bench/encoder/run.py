@@ -148,7 +148,7 @@ def main(
             train=train_cfg.to_dict(),
         )
         loaded = load_model(out_dir, device=device)
-        payload["speed"] = measure(loaded, batch=256, length=max_len)
+        payload["speed"] = measure(loaded, batch=256, length=max_len, model_dir=out_dir)
 
     if not skip_peer:
         peer_cfg = SASRecConfig(num_items=len(vocab), max_len=max_len)

@@ -1,20 +1,24 @@
 """Encode throughput of a :class:`serving.artifacts.LoadedEncoder`, in user sequences per second.
 
-Three paths, all at the given batch size and sequence length, under ``inference_mode``:
-``tensor_last`` (the serving forward: last position only in the final block), ``tensor_full``
-(every position, the training-time forward) and ``encode`` (``LoadedEncoder.encode`` from
-``Step`` histories, i.e. id lookup + features + collate + forward + numpy).
+Four paths, all at the given batch size and sequence length, under ``inference_mode``:
+``tensor_last`` (a full re-encode: last position only in the final block), ``tensor_full``
+(every position, the training-time forward), ``encode`` (``LoadedEncoder.encode`` from
+``Step`` histories, i.e. id lookup + features + collate + forward + numpy) and
+``cached_step`` (``LoadedEncoder.encode_users`` when each user's first ``length - 1`` steps
+are cached: what the stream worker pays per event, from ``Step`` histories to numpy,
+including the cache reads and writes).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from serving.artifacts import LoadedEncoder
+from serving.artifacts import LoadedEncoder, load_model
 from serving.encoder import Batch
 from serving.types import Step
 
@@ -32,9 +36,15 @@ def _rate(fn: Callable[[], object], batch: int, min_seconds: float, warmup: int 
 
 
 def measure(
-    enc: LoadedEncoder, batch: int = 256, length: int = 50, min_seconds: float = 3.0, seed: int = 0
+    enc: LoadedEncoder,
+    batch: int = 256,
+    length: int = 50,
+    min_seconds: float = 3.0,
+    seed: int = 0,
+    model_dir: Path | None = None,
 ) -> dict[str, float]:
-    """Sequences/s for each path (see module docstring)."""
+    """Sequences/s for each path (see module docstring); ``cached_step`` needs the model's
+    ``model_dir`` and positions counted from the oldest step."""
     rng = np.random.default_rng(seed)
     n_items = len(enc.item_ids())
     items = torch.from_numpy(rng.integers(1, n_items + 1, (batch, length)))
@@ -62,7 +72,7 @@ def measure(
         model.hidden(tensors)[:, -1]
         sync()
 
-    return {
+    rates = {
         "batch": float(batch),
         "length": float(length),
         "tensor_last_seq_per_s": round(_rate(last, batch, min_seconds), 1),
@@ -70,3 +80,26 @@ def measure(
         "encode_seq_per_s": round(_rate(lambda: enc.encode(histories), batch, min_seconds), 1),
         "threads": float(torch.get_num_threads()),
     }
+    if model.cfg.positions == "oldest" and model_dir is not None:
+        rates["cached_step_seq_per_s"] = round(
+            _cached_rate(model_dir, enc.device, histories, batch, min_seconds), 1
+        )
+    return rates
+
+
+def _cached_rate(
+    model_dir: Path, device: torch.device, histories: list[list[Step]], batch: int, secs: float
+) -> float:
+    cached = load_model(model_dir, device=device, cache_users=batch)
+    assert cached.cache is not None
+    keys = [f"u{b}" for b in range(batch)]
+    cached.encode_users(keys, [h[:-1] for h in histories])
+    primed = [(k, cached.cache.get(k)) for k in keys]
+
+    def step() -> None:
+        for k, entry in primed:  # back to the primed state: every call appends one step
+            assert entry is not None
+            cached.cache.put(k, entry)  # type: ignore[union-attr]
+        cached.encode_users(keys, histories)
+
+    return _rate(step, batch, secs)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from serving.data import EncodedLog, Features, Interactions, ItemVocab, leave_one_out
-from serving.encoder import EncoderConfig, SequenceEncoder, collate
+from serving.encoder import EncoderConfig, Past, SequenceEncoder, collate
 from serving.train import (
     TrainConfig,
     fit,
@@ -181,3 +181,71 @@ def test_time_budget_stops_after_one_epoch(tiny_log: Interactions) -> None:
     )
     assert result.epochs_run == 1
     assert result.best_valid is not None  # the last epoch is always evaluated
+
+
+@pytest.mark.parametrize("positions", ["oldest", "newest"])
+def test_every_prefix_state_equals_encoding_that_prefix(positions: str) -> None:
+    """With positions from the oldest step, the training forward at step t is what serving
+    computes for the prefix ending at t; with positions from the newest it is not."""
+    model = small_model(positions=positions)
+    seq = [1, 2, 3, 4, 5]
+    with torch.no_grad():
+        states = model.hidden(collate([feats(seq)]))[0]
+        prefixes = torch.cat([model.user_vectors(collate([feats(seq[: t + 1])])) for t in range(5)])
+    if positions == "oldest":
+        torch.testing.assert_close(states, prefixes)
+    else:
+        assert not torch.allclose(states[:-1], prefixes[:-1])
+
+
+def _past(kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], items: torch.Tensor) -> Past:
+    return Past(kv, items > 0)
+
+
+def test_extend_matches_full_re_encode() -> None:
+    """Cached encoding, one or several steps at a time, for users of different lengths in one
+    batch (left padding in the past and in the new steps), equals the full forward."""
+    model = small_model()
+    full = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15]]
+    cut = [4, 1, 2]  # steps already cached per user
+    old = collate([feats(s[:c]) for s, c in zip(full, cut, strict=True)])
+    new_feats = []
+    for s, c in zip(full, cut, strict=True):
+        f = feats(s)
+        new_feats.append(Features(f.items[c:], f.types[c:], f.gaps[c:]))
+    with torch.no_grad():
+        _, kv = model.extend(old, None)
+        got, new_kv = model.extend(collate(new_feats), _past(kv, old.items))
+        want = model.user_vectors(collate([feats(s) for s in full]))
+    torch.testing.assert_close(got, want)
+    # The new steps' keys/values, appended, extend the cache one more step exactly too.
+    items = torch.cat([old.items, collate(new_feats).items], dim=1)
+    joined = tuple(
+        (torch.cat([a[0], b[0]], dim=2), torch.cat([a[1], b[1]], dim=2))
+        for a, b in zip(kv, new_kv, strict=True)
+    )
+    longer = [feats([*s, 16 + b]) for b, s in enumerate(full)]
+    step = collate([Features(f.items[-1:], f.types[-1:], f.gaps[-1:]) for f in longer])
+    with torch.no_grad():
+        got2, _ = model.extend(step, _past(joined, items))
+        want2 = model.user_vectors(collate(longer))
+    torch.testing.assert_close(got2, want2)
+
+
+def test_extend_refuses_newest_positions_and_full_windows() -> None:
+    newest = small_model(positions="newest")
+    first = collate([feats([1, 2])])
+    with torch.no_grad():
+        _, kv = newest.extend(first, None)
+        with pytest.raises(ValueError, match="positions='oldest' for cached encoding"):
+            newest.extend(collate([feats([3])]), _past(kv, first.items))
+        model = small_model()
+        window = collate([feats(list(range(1, 9)))])  # max_len = 8 steps
+        _, kv = model.extend(window, None)
+        with pytest.raises(ValueError, match="at most max_len=8 steps, got 9"):
+            model.extend(collate([feats([9])]), _past(kv, window.items))
+
+
+def test_config_rejects_unknown_positions() -> None:
+    with pytest.raises(ValueError, match="positions in"):
+        EncoderConfig(num_items=3, positions="middle")

@@ -77,10 +77,12 @@ def candidates_for(requests: list[SlateRequest], row_ids: list[str], c: int = 6)
 def test_training_lowers_loss_and_reports_metrics(
     encoder: LoadedEncoder, tiny_log: Interactions
 ) -> None:
-    result = train_reranker(encoder, leave_one_out(tiny_log), FAST, model=SMALL)
+    # Enough cases and steps that the loss trend is not batch noise (37 cases drifted up).
+    cfg = replace(FAST, epochs=8, patience=8, prefixes=6, lr=3e-3)
+    result = train_reranker(encoder, leave_one_out(tiny_log), cfg, model=SMALL)
     losses = [row["loss"] for row in result.history]
-    assert len(losses) == FAST.epochs
-    assert losses[-1] < losses[0]
+    assert len(losses) == cfg.epochs
+    assert losses[-1] < 0.9 * losses[0]
     assert result.train_cases > 0
     assert 0.0 < result.train_recall <= 1.0
     assert set(result.valid) == {"retrieval", "rerank"}
