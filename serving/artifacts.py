@@ -369,6 +369,8 @@ def load_model(
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{STAGE}: expected readable safetensors in {weights}: {exc}") from exc
     model = SequenceEncoder(cfg)
+    if cfg.max_attrs == 0:  # artifacts from before item attributes have no such buffer
+        state.setdefault("item_attrs", torch.zeros(cfg.num_items + 1, 0, dtype=torch.int64))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

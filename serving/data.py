@@ -281,6 +281,70 @@ def load_interactions(path: Path | str, fmt: str) -> Interactions:
 
 
 # ---------------------------------------------------------------------------------------------
+# Item attributes (side information for the encoder and the reranker)
+
+
+def load_item_attributes(path: Path | str, fmt: str) -> dict[str, list[str]]:
+    """Attribute names per item id.
+
+    Formats: ``s3rec`` (``*_item2attributes.json[.gz]``: item id -> attribute ids, S3-Rec's
+    brand/category ids), ``ml-100k`` (``u.item``: genres; ``u.genre`` beside it names them),
+    ``items`` (JSON lines of ``streamrec.items`` messages: ``categories``).
+    """
+    path = Path(path)
+    with open_text(path) as fh:
+        text = fh.read()
+    if fmt == "s3rec":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{STAGE}: expected a JSON object in {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise DataError(f"{STAGE}: expected a JSON object item -> attributes in {path}")
+        return {str(k): [str(a) for a in v] for k, v in raw.items()}
+    if fmt == "ml-100k":
+        genre_file = path.with_name("u.genre")
+        with open_text(genre_file if genre_file.exists() else path.with_name("u.genre.gz")) as g:
+            genres = [ln.split("|")[0] for ln in g.read().splitlines() if ln.strip()]
+        out: dict[str, list[str]] = {}
+        for line in text.splitlines():
+            parts = line.split("|")
+            if len(parts) >= 5 + len(genres):
+                flags = parts[-len(genres) :]
+                out[parts[0]] = [name for name, f in zip(genres, flags, strict=True) if f == "1"]
+        return out
+    if fmt == "items":
+        out = {}
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                msg = json.loads(line)
+                out[str(msg["item_id"])] = [str(c) for c in msg.get("categories") or []]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(
+                    f"{STAGE}: expected an item message with item_id at {path}:{lineno}: {exc}"
+                ) from exc
+        return out
+    raise DataError(f"{STAGE}: expected attribute format s3rec, ml-100k or items, got {fmt!r}")
+
+
+def attribute_table(
+    vocab: ItemVocab, attributes: dict[str, list[str]], max_attrs: int
+) -> tuple[np.ndarray, list[str]]:
+    """``(N + 1, max_attrs) int64`` attribute indices per model item (row 0 = padding, 0 =
+    no attribute) and the attribute names (index i + 1 = names[i]), in first-seen order."""
+    names: dict[str, int] = {}
+    table = np.zeros((len(vocab) + 1, max_attrs), dtype=np.int64)
+    for row, item in enumerate(vocab.ids, 1):
+        for j, name in enumerate(dict.fromkeys(attributes.get(item, ()))):
+            if j >= max_attrs:
+                break
+            table[row, j] = names.setdefault(name, len(names) + 1)
+    return table, list(names)
+
+
+# ---------------------------------------------------------------------------------------------
 # Split
 
 

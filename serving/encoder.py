@@ -50,6 +50,10 @@ class EncoderConfig:
     use_types: bool = True
     use_time: bool = True
     positions: str = "oldest"  # one of POSITIONS, see the module docstring
+    # Item side information: an item's vector is its ID embedding plus the mean embedding of
+    # up to max_attrs attributes (brand, categories) out of num_attrs; 0 = IDs only.
+    num_attrs: int = 0
+    max_attrs: int = 0
 
     def __post_init__(self) -> None:
         if self.num_items < 1:
@@ -60,6 +64,11 @@ class EncoderConfig:
             )
         if self.max_len < 1:
             raise ValueError(f"{STAGE}: expected max_len >= 1, got {self.max_len}")
+        if (self.num_attrs > 0) != (self.max_attrs > 0) or min(self.num_attrs, self.max_attrs) < 0:
+            raise ValueError(
+                f"{STAGE}: expected num_attrs and max_attrs both 0 or both positive, got "
+                f"{self.num_attrs} and {self.max_attrs}"
+            )
         if self.positions not in POSITIONS:
             raise ValueError(f"{STAGE}: expected positions in {POSITIONS}, got {self.positions!r}")
 
@@ -175,6 +184,13 @@ class SequenceEncoder(nn.Module):
             nn.Embedding(len(EVENT_TYPES) + 1, cfg.dim, padding_idx=0) if cfg.use_types else None
         )
         self.gap_emb = nn.Embedding(GAP_BUCKETS, cfg.dim, padding_idx=0) if cfg.use_time else None
+        self.attr_emb = (
+            nn.Embedding(cfg.num_attrs + 1, cfg.dim, padding_idx=0) if cfg.num_attrs else None
+        )
+        # (N + 1, max_attrs) int64 attribute indices per item, 0 = none; saved with the weights.
+        self.register_buffer(
+            "item_attrs", torch.zeros(cfg.num_items + 1, cfg.max_attrs, dtype=torch.int64)
+        )
         self.emb_ln = nn.LayerNorm(cfg.dim)
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
@@ -221,7 +237,7 @@ class SequenceEncoder(nn.Module):
                 f"{STAGE}: expected sequences of at most max_len={self.cfg.max_len}, "
                 f"got {items.shape[1]}"
             )
-        x = self.item_emb(items) + self.pos_emb(self._positions(items, offset))
+        x = F.embedding(items, self.item_table()) + self.pos_emb(self._positions(items, offset))
         if self.type_emb is not None:
             x = x + self.type_emb(batch.types)
         if self.gap_emb is not None:
@@ -281,9 +297,28 @@ class SequenceEncoder(nn.Module):
             own.append(new_kv)
         return self.out_ln(x[:, 0]), tuple(own)
 
+    def set_attributes(self, table: np.ndarray) -> None:
+        """Install the ``(N + 1, max_attrs) int64`` attribute table (``data.attribute_table``)."""
+        want = (self.cfg.num_items + 1, self.cfg.max_attrs)
+        if table.shape != want or (
+            table.size and not 0 <= table.min() <= table.max() <= self.cfg.num_attrs
+        ):
+            raise ValueError(
+                f"{STAGE}: expected an attribute table {want} with indices in "
+                f"[0, {self.cfg.num_attrs}], got {table.shape}"
+            )
+        attrs: torch.Tensor = self.item_attrs  # type: ignore[assignment]
+        attrs.copy_(torch.from_numpy(table))
+
     def item_table(self) -> torch.Tensor:
-        """``(N + 1, D)`` float32 item vectors; row 0 is padding."""
-        return self.item_emb.weight
+        """``(N + 1, D)`` float32 item vectors (ID embedding + mean attribute embedding);
+        row 0 is padding."""
+        table = self.item_emb.weight
+        if self.attr_emb is None:
+            return table
+        attrs: torch.Tensor = self.item_attrs  # type: ignore[assignment]
+        count = (attrs > 0).sum(dim=1, keepdim=True).clamp(min=1)
+        return table + self.attr_emb(attrs).sum(dim=1) / count
 
 
 def serving_window(events: int, max_len: int) -> int:

@@ -14,14 +14,14 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from serving.data import EncodedLog, Features, ItemVocab, LeaveOneOut
+from serving.data import EncodedLog, Features, ItemVocab, LeaveOneOut, attribute_table
 from serving.encoder import Batch, EncoderConfig, SequenceEncoder, collate
 from serving.evaluate import EvalReport, SequenceScorer, evaluate_split
 
@@ -206,9 +206,17 @@ def fit(
 
 
 def train_encoder(
-    split: LeaveOneOut, model_cfg: EncoderConfig, cfg: TrainConfig
+    split: LeaveOneOut,
+    model_cfg: EncoderConfig,
+    cfg: TrainConfig,
+    attributes: dict[str, list[str]] | None = None,
+    max_attrs: int = 8,
 ) -> tuple[TrainResult, ItemVocab, EncodedLog]:
-    """Train a :class:`SequenceEncoder` on ``split``; the vocabulary covers every item seen."""
+    """Train a :class:`SequenceEncoder` on ``split``; the vocabulary covers every item seen.
+
+    ``attributes`` (item id -> names, ``data.load_item_attributes``) adds up to ``max_attrs``
+    attribute embeddings to every item vector; ``model_cfg.num_attrs/max_attrs`` are set here.
+    """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     vocab = ItemVocab(split.data.item_ids())
@@ -218,7 +226,18 @@ def train_encoder(
             f"got {model_cfg.num_items}"
         )
     log_ = EncodedLog(split.data, vocab)
+    table = None
+    if attributes:
+        table, names = attribute_table(vocab, attributes, max_attrs)
+        if not names:
+            raise ValueError(
+                f"{STAGE}: expected attributes for some of the {len(vocab)} items, got none "
+                "that match the log's item ids"
+            )
+        model_cfg = replace(model_cfg, num_attrs=len(names), max_attrs=max_attrs)
     model = SequenceEncoder(model_cfg).to(device)
+    if table is not None:
+        model.set_attributes(table)
     started = time.perf_counter()
 
     def loss_fn(m: torch.nn.Module, batch: Batch, targets: torch.Tensor) -> torch.Tensor:

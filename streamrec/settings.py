@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     max_event_future_s: float = Field(300.0, ge=0)
     torch_threads: int = Field(0, ge=0, description="0 = torch default")
     encoder_cache_users: int = Field(
-        20_000, ge=0, description="users whose encoder keys/values stay cached (0 = off)"
+        10_000, ge=0, description="users whose encoder keys/values stay cached (0 = off)"
     )
 
     # --- Observability ----------------------------------------------------------------

@@ -32,12 +32,21 @@ def train(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
     patience: Annotated[int, typer.Option(help="validation rounds without gain")] = 10,
     eval_every: int = 1,
+    attn_dropout: float = 0.2,
+    weight_decay: float = 0.0,
+    attributes: Annotated[
+        Path | None,
+        typer.Option(help="item attributes file: their embeddings join every item vector"),
+    ] = None,
+    attributes_format: Annotated[str, typer.Option(help="s3rec | ml-100k | items")] = "s3rec",
+    max_attrs: Annotated[int, typer.Option(help="attributes kept per item")] = 8,
+    max_minutes: Annotated[float | None, typer.Option(help="training time budget")] = None,
     progress: bool = True,
 ) -> None:
     """Train the sequence encoder (leave-one-out; early stop on validation NDCG@10)."""
     # torch is imported here so the CLI's other commands start fast.
     from serving.artifacts import save_model
-    from serving.data import DataError, leave_one_out, load_interactions
+    from serving.data import DataError, leave_one_out, load_interactions, load_item_attributes
     from serving.encoder import EncoderConfig
     from serving.evaluate import evaluate_split, print_reports
     from serving.train import TrainConfig, train_encoder
@@ -51,12 +60,15 @@ def train(
             heads=heads,
             max_len=max_len,
             dropout=dropout,
+            attn_dropout=attn_dropout,
             use_time=interactions.has_time,
         )
         train_cfg = TrainConfig(
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
+            weight_decay=weight_decay,
+            max_minutes=max_minutes,
             patience=patience,
             eval_every=eval_every,
             negatives=negatives,
@@ -64,19 +76,22 @@ def train(
             device=device,
             progress=progress,
         )
+        attrs = load_item_attributes(attributes, attributes_format) if attributes else None
         split = leave_one_out(interactions)
-        result, vocab, log_ = train_encoder(split, model_cfg, train_cfg)
+        result, vocab, log_ = train_encoder(split, model_cfg, train_cfg, attrs, max_attrs)
     except (DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
-    test = (
-        evaluate_split(result.model, split, log_, "test", max_len=max_len) if split.test else None
-    )
     metrics: dict[str, object] = {"best_epoch": result.best_epoch, "train_seconds": result.seconds}
     if result.best_valid is not None:
         metrics["valid"] = result.best_valid.metrics
-    if test is not None:
+    if split.test:
+        test = evaluate_split(result.model, split, log_, "test", max_len=max_len)
+        excluded = evaluate_split(
+            result.model, split, log_, "test", max_len=max_len, exclude_history=True
+        )
         metrics["test"] = test.metrics
-        print_reports({"encoder": test})
+        metrics["test_history_excluded"] = excluded.metrics
+        print_reports({"encoder": test, "encoder (history excluded)": excluded})
     version = save_model(
         result.model,
         out,

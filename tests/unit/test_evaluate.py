@@ -134,6 +134,8 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     assert config["dataset"] == "events"
     assert config["model"]["use_time"] is True
     assert set(config["metrics"]["test"]) >= {"HR@10", "NDCG@10"}
+    assert set(config["metrics"]["test_history_excluded"]) >= {"HR@10", "NDCG@10"}
+    assert config["model"]["num_attrs"] == 0
 
     out = tmp_path / "report.json"
     eval_args = [
@@ -198,3 +200,27 @@ def test_cli_errors(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "expected --split test or valid" in result.output
+
+
+def test_cli_train_with_item_attributes(tmp_path: Path) -> None:
+    data = write_events(tmp_path / "events.jsonl")
+    items = tmp_path / "items.jsonl"
+    items.write_text(
+        "\n".join(
+            json.dumps({"item_id": f"i{k}", "title": f"t{k}", "categories": [f"c{k % 4}"]})
+            for k in range(40)
+        )
+    )
+    model = tmp_path / "model"
+    args = ["train", "--data", str(data), "--format", "events", "--out", str(model)]
+    args += ["--epochs", "1", "--dim", "8", "--heads", "1", "--max-len", "6", "--no-progress"]
+    result = CliRunner().invoke(
+        app, [*args, "--attributes", str(items), "--attributes-format", "items"]
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((model / "config.json").read_text())
+    assert config["model"]["num_attrs"] >= 2
+    assert config["model"]["max_attrs"] == 8
+    bad = CliRunner().invoke(app, [*args, "--attributes", str(items), "--attributes-format", "x"])
+    assert bad.exit_code == 2
+    assert "attribute format s3rec, ml-100k or items" in bad.output
