@@ -140,7 +140,15 @@ class Recommender:
         """One slate per ``(user_id, history[, events ever])``, in order. Runs in the model
         thread. The event count lets the encoder cache extend a user's window step by step."""
         pipeline = self._pipeline  # one version for the whole batch
-        return pipeline.recommend([SlateRequest(*h) for h in histories])
+        cache = getattr(pipeline.encoder, "cache", None)
+        before = (cache.hits, cache.misses) if cache is not None else (0, 0)
+        slates = pipeline.recommend([SlateRequest(*h) for h in histories])
+        if cache is not None and self.metrics is not None:
+            lookups = self.metrics.encoder_cache_lookups
+            lookups.labels(result="hit").inc(cache.hits - before[0])
+            lookups.labels(result="miss").inc(cache.misses - before[1])
+            self.metrics.encoder_cache_users.set(len(cache))
+        return slates
 
     # --- catalog ------------------------------------------------------------------------
     def upsert_item(self, item: Item) -> None:

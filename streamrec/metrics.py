@@ -54,6 +54,8 @@ class Metrics:
     consumer_lag: Gauge
     model_swaps: Counter
     index_updated: Gauge
+    encoder_cache_lookups: Counter
+    encoder_cache_users: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -77,6 +79,8 @@ class Metrics:
             self.slate_hits.labels(k=str(k))
         for op in ITEM_OPS:
             self.items_consumed.labels(op=op)
+        for result in ("hit", "miss"):
+            self.encoder_cache_lookups.labels(result=result)
         self.index_updated.set_to_current_time()
 
     @classmethod
@@ -182,6 +186,17 @@ class Metrics:
             index_updated=Gauge(
                 "streamrec_index_last_update_timestamp_seconds",
                 "Unix time of the last change applied to the retrieval index.",
+                registry=r,
+            ),
+            encoder_cache_lookups=Counter(
+                "streamrec_encoder_cache_lookups",
+                "Users looked up in the encoder's key/value cache: hit = only new steps encoded.",
+                ["result"],
+                registry=r,
+            ),
+            encoder_cache_users=Gauge(
+                "streamrec_encoder_cache_users",
+                "Users whose encoder keys/values are cached in this worker.",
                 registry=r,
             ),
         )
