@@ -26,6 +26,7 @@ from serving.types import EVENT_TYPE_ID, Step
 
 STAGE = "artifacts"
 WEIGHTS, CONFIG, ITEMS = "model.safetensors", "config.json", "items.json"
+ATTRIBUTES = "attributes.json"  # attribute names of a model with item attributes
 FORMAT_VERSION = 2  # 2: EncoderConfig.positions (version 1 artifacts count from the newest)
 
 
@@ -41,8 +42,12 @@ def save_model(
     dataset: str = "",
     metrics: Mapping[str, object] | None = None,
     train: Mapping[str, object] | None = None,
+    attributes: Sequence[str] = (),
 ) -> str:
-    """Write the three artifact files into ``directory``; returns the version id.
+    """Write the artifact files into ``directory``; returns the version id.
+
+    ``attributes``: the names of a model's item attributes (index i + 1 = names[i]), so new
+    catalog items can be embedded from their categories (``LoadedEncoder.attribute_vectors``).
 
     The version is the first 12 hex digits of the weights' sha256 plus a UTC timestamp, so
     identical weights are recognisable and two saves never collide silently.
@@ -50,6 +55,11 @@ def save_model(
     if len(item_ids) != model.cfg.num_items:
         raise ArtifactError(
             f"{STAGE}: expected {model.cfg.num_items} item ids for the model, got {len(item_ids)}"
+        )
+    if attributes and len(attributes) != model.cfg.num_attrs:
+        raise ArtifactError(
+            f"{STAGE}: expected {model.cfg.num_attrs} attribute names for the model, "
+            f"got {len(attributes)}"
         )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +80,8 @@ def save_model(
     }
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out / ITEMS).write_text(json.dumps(list(item_ids)) + "\n")
+    if attributes:
+        (out / ATTRIBUTES).write_text(json.dumps(list(attributes)) + "\n")
     return version
 
 
@@ -160,6 +172,7 @@ class LoadedEncoder:
         self._item_vectors: np.ndarray | None = None
         cacheable = cache_users > 0 and model.cfg.positions == "oldest"
         self.cache = EncoderCache(cache_users) if cacheable else None
+        self.attribute_index: dict[str, int] = {}
 
     @property
     def version(self) -> str:
@@ -182,6 +195,26 @@ class LoadedEncoder:
             table = self.model.item_table().detach()[1:]
             self._item_vectors = table.float().cpu().numpy().copy()
         return self._item_vectors
+
+    @torch.inference_mode()
+    def attribute_vectors(
+        self, categories: Sequence[Sequence[str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What the model's item table gives an item it has no ID row for: the mean
+        embedding of its attributes the model knows. Returns ``(n, D) float32`` vectors and
+        ``(n,) bool`` rows that had at least one known attribute (zeros elsewhere)."""
+        out = np.zeros((len(categories), self.dim), dtype=np.float32)
+        known = np.zeros(len(categories), dtype=bool)
+        emb = self.model.attr_emb
+        if emb is None or not self.attribute_index:
+            return out, known
+        table = emb.weight.detach().float().cpu().numpy()
+        for r, names in enumerate(categories):
+            rows = sorted({self.attribute_index[n] for n in names if n in self.attribute_index})
+            if rows:
+                out[r] = table[rows[: self.model.cfg.max_attrs]].mean(axis=0)
+                known[r] = True
+        return out, known
 
     def features(self, history: Sequence[Step]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A history as ``(items, types, ts_ms)`` ``(n,) int64`` arrays (0 = unknown item)."""
@@ -378,4 +411,12 @@ def load_model(
             f"{STAGE}: expected weights matching config.json in {weights}: {exc}"
         ) from exc
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    return LoadedEncoder(model, items, str(config.get("version", "")), config, dev, cache_users)
+    loaded = LoadedEncoder(model, items, str(config.get("version", "")), config, dev, cache_users)
+    if cfg.num_attrs and (path / ATTRIBUTES).is_file():
+        names = _read_json(path / ATTRIBUTES)
+        if not isinstance(names, list) or len(names) != cfg.num_attrs:
+            raise ArtifactError(
+                f"{STAGE}: expected {cfg.num_attrs} attribute names in {path / ATTRIBUTES}"
+            )
+        loaded.attribute_index = {str(n): i + 1 for i, n in enumerate(names)}
+    return loaded

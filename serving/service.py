@@ -55,6 +55,7 @@ class Recommender:
         self._publish_info()
 
     def _set_vocab(self, encoder: LoadedEncoder) -> None:
+        self._encoder = encoder
         self._row_of = {item: i for i, item in enumerate(encoder.item_ids())}
         self._vectors = np.asarray(encoder.item_vectors(), dtype=np.float32)
 
@@ -99,12 +100,24 @@ class Recommender:
             pipeline.index.remove(blocked)
         known = set(encoder.item_ids())
         cold = [i for i in self._cold_items.values() if i.item_id not in known and i.available]
-        if cold and self.cold_start is not None:
-            vectors = self.cold_start.vectors_for(cold)
-            pipeline.index.upsert([i.item_id for i in cold], vectors)
-            for item, vector in zip(cold, vectors, strict=True):
-                fresh.put(item.item_id, vector)
+        if cold:
+            vectors, ok = self._cold_vectors(encoder, cold)
+            embedded = [item for item, good in zip(cold, ok, strict=True) if good]
+            if embedded:
+                pipeline.index.upsert([i.item_id for i in embedded], vectors[ok])
+                for item, vector in zip(embedded, vectors[ok], strict=True):
+                    fresh.put(item.item_id, vector)
         return pipeline
+
+    def _cold_vectors(
+        self, encoder: LoadedEncoder, items: Sequence[Item]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(n, D)`` vectors for items the model has no ID row for, and ``(n,) bool`` which
+        got one: projected from their text (cold start) when a projection is fitted, else the
+        model's own embedding of their categories (a model trained with item attributes)."""
+        if self.cold_start is not None:
+            return self.cold_start.vectors_for(items), np.ones(len(items), dtype=bool)
+        return encoder.attribute_vectors([i.categories for i in items])
 
     def _publish_info(self) -> None:
         if self.metrics is None:
@@ -182,14 +195,14 @@ class Recommender:
     def _vector_for(self, pipeline: Pipeline, item: Item) -> np.ndarray | None:
         """The embedding for an item that is not in the index: the model's own when it has
         one (the item was retired and came back), else one projected from its text (cold
-        start), else None (known but not retrievable until the next model)."""
+        start), else the model's own embedding of its categories (a model trained with item
+        attributes), else None (known but not retrievable until the next model)."""
         row = self._row_of.get(item.item_id)
         if row is not None:
             return self._vectors[row]
         self._cold_items[item.item_id] = item
-        if self.cold_start is None:
-            return None
-        return self.cold_start.vectors_for([item])[0]
+        vectors, ok = self._cold_vectors(self._encoder, [item])
+        return vectors[0] if ok[0] else None
 
     def delete_item(self, item_id: str) -> None:
         with self._lock:

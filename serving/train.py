@@ -57,6 +57,7 @@ class TrainResult:
     epochs_run: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    attributes: list[str] = field(default_factory=list)  # attribute names, index i + 1
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -226,7 +227,8 @@ def train_encoder(
             f"got {model_cfg.num_items}"
         )
     log_ = EncodedLog(split.data, vocab)
-    table = None
+    table: np.ndarray | None = None
+    names: list[str] = []
     if attributes:
         table, names = attribute_table(vocab, attributes, max_attrs)
         if not names:
@@ -253,5 +255,6 @@ def train_encoder(
         epochs_run=epochs_run,
         seconds=round(time.perf_counter() - started, 1),
         history=history,
+        attributes=names,
     )
     return result, vocab, log_

@@ -172,6 +172,7 @@ def main(
             dataset=dataset,
             metrics=reports["ours"].metrics,
             train=train_cfg.to_dict(),
+            attributes=ours.attributes,
         )
         loaded = load_model(out_dir, device=device)
         payload["speed"] = measure(loaded, batch=256, length=max_len, model_dir=out_dir)

@@ -99,6 +99,7 @@ def train(
         dataset=interactions.name,
         metrics=metrics,
         train=train_cfg.to_dict(),
+        attributes=result.attributes,
     )
     typer.echo(f"saved {version} to {out}")
 

@@ -119,3 +119,16 @@ def test_train_with_attributes_round_trips(tmp_path: Path, tiny_log: Interaction
     np.testing.assert_allclose(loaded.encode_users(["u"], [history]), want, atol=1e-6)
     with pytest.raises(ValueError, match="attributes for some of the 30 items, got none"):
         train_encoder(leave_one_out(tiny_log), cfg, TrainConfig(epochs=1), {"zz": ["q"]})
+
+
+def test_attribute_names_artifact_errors(tmp_path: Path) -> None:
+    from serving.artifacts import ArtifactError
+
+    model = SequenceEncoder(EncoderConfig(num_items=3, dim=8, heads=1, num_attrs=2, max_attrs=1))
+    with pytest.raises(ArtifactError, match="expected 2 attribute names for the model, got 1"):
+        save_model(model, tmp_path / "m", ["a", "b", "c"], attributes=["x"])
+    save_model(model, tmp_path / "m", ["a", "b", "c"], attributes=["x", "y"])
+    assert load_model(tmp_path / "m").attribute_index == {"x": 1, "y": 2}
+    (tmp_path / "m" / "attributes.json").write_text('["x"]')
+    with pytest.raises(ArtifactError, match="expected 2 attribute names in"):
+        load_model(tmp_path / "m")

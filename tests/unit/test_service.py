@@ -41,6 +41,10 @@ class TinyEncoder:
                 out[b] = self._vecs[rows].mean(axis=0)
         return out
 
+    def attribute_vectors(self, categories: Sequence[Sequence[str]]) -> tuple[Any, Any]:
+        # No item attributes in this model: nothing to embed a new item from.
+        return np.zeros((len(categories), DIM), np.float32), np.zeros(len(categories), bool)
+
 
 class AxisColdStart:
     """Text 'projection' stand-in: every cold item lands on the axis of item i1."""
@@ -126,3 +130,33 @@ def test_reserved_slots_can_be_turned_off() -> None:
     rec = Recommender(TinyEncoder(), settings, None, AxisColdStart())  # type: ignore[arg-type]
     rec.upsert_item(item("brand-new"))
     assert "brand-new" not in slate_for(rec, "i3", "i4")
+
+
+def test_new_item_embedded_from_its_categories_without_text(tmp_path: Any) -> None:
+    """A model trained with item attributes gives a new catalog item the mean embedding of its
+    known categories (no text projection needed); unknown categories leave it unretrievable."""
+    import torch
+
+    from serving.artifacts import load_model, save_model
+    from serving.data import ItemVocab, attribute_table
+    from serving.encoder import EncoderConfig, SequenceEncoder
+
+    torch.manual_seed(0)
+    ids = [f"i{k}" for k in range(6)]
+    attrs = {i: [f"cat{k % 2}"] for k, i in enumerate(ids)}
+    table, names = attribute_table(ItemVocab(ids), attrs, max_attrs=2)
+    model = SequenceEncoder(
+        EncoderConfig(num_items=6, dim=DIM, heads=1, max_len=4, num_attrs=2, max_attrs=2)
+    )
+    model.set_attributes(table)
+    save_model(model.eval(), tmp_path / "m", ids, attributes=names)
+    encoder = load_model(tmp_path / "m", device="cpu")
+    rec = Recommender(encoder, Settings(slate_size=3, candidates=6, diversity=0.0))
+    rec.upsert_item(Item(item_id="new", title="New", categories=["cat1", "unseen"]))
+    rec.upsert_item(Item(item_id="odd", title="Odd", categories=["unseen"]))
+    assert rec.index_size == 7
+    want, ok = encoder.attribute_vectors([["cat1"]])
+    assert ok.tolist() == [True]
+    assert encoder.attribute_index == {"cat0": 1, "cat1": 2}
+    np.testing.assert_allclose(want[0], model.attr_emb.weight[2].detach().numpy())  # type: ignore[union-attr]
+    assert rec.knows_item("odd")  # accepted in events, just not retrievable
