@@ -200,7 +200,10 @@ def _run(
         )
         if model is None:
             model = workdir / "model"
-            # Small data, small model: light dropout, narrow embeddings, few epochs.
+            catalog = write_jsonl(items, workdir / "items.jsonl")
+            # Small data, small model: light dropout, narrow embeddings, few epochs. The
+            # categories join the item vectors, so items published later in a known category
+            # are retrievable at once.
             _train(
                 console,
                 train_path,
@@ -208,7 +211,8 @@ def _run(
                 model,
                 25,
                 workdir / "train.log",
-                ("--dim", "32", "--dropout", "0.1", "--patience", "5"),
+                ("--dim", "32", "--dropout", "0.1", "--patience", "5")
+                + ("--attributes", str(catalog), "--attributes-format", "items"),
             )
     settings = settings.model_copy(update={"model_dir": model.resolve()})
 
