@@ -211,8 +211,10 @@ def _run(
                 model,
                 25,
                 workdir / "train.log",
-                ("--dim", "32", "--dropout", "0.1", "--patience", "5")
-                + ("--attributes", str(catalog), "--attributes-format", "items"),
+                (
+                    *("--dim", "32", "--dropout", "0.1", "--patience", "5"),
+                    *("--attributes", str(catalog), "--attributes-format", "items"),
+                ),
             )
     settings = settings.model_copy(update={"model_dir": model.resolve()})
 
