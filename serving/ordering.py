@@ -35,26 +35,34 @@ def _check(relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float)
         raise ValueError(f"{STAGE}: expected k >= 0 and diversity in [0, 1], got {k}, {diversity}")
 
 
-def _shared_categories(cats: np.ndarray) -> np.ndarray:
-    """|cats_i ∩ cats_j| for every candidate pair: (B, C, M) ids (-1 padding, distinct per
-    candidate) -> (B, C, C) float64.
+def _similarity_to(
+    unit: np.ndarray,
+    cats: np.ndarray | None,
+    n_cats: np.ndarray | None,
+    pick: np.ndarray,
+    category_weight: float,
+) -> np.ndarray:
+    """sim(c, pick) for every candidate c of every row: (B, C) float64.
 
-    Category ids are renumbered per row to 0..K-1 (K <= C*M), so a one-hot (B, C, K) and one
-    batched matmul count the overlaps whatever the size of the catalogue's category space.
+    unit: (B, C, D) float32 unit vectors; cats: (B, C, M) distinct ids, negative = padding;
+    n_cats: (B, C) categories per candidate; pick: (B,) a candidate position per row.
     """
-    b, c, _ = cats.shape
-    valid = cats >= 0
-    bi, ci, mi = np.nonzero(valid)
-    if len(bi) == 0:
-        return np.zeros((b, c, c))
-    span = int(cats.max()) + 1
-    keys = bi.astype(np.int64) * span + cats[bi, ci, mi]
-    uniq, inv = np.unique(keys, return_inverse=True)
-    row_of = uniq // span
-    local = np.arange(len(uniq)) - np.searchsorted(row_of, row_of, side="left")
-    onehot = np.zeros((b, c, int(local.max()) + 1))
-    onehot[bi, ci, local[inv]] = 1.0
-    return np.matmul(onehot, onehot.transpose(0, 2, 1))
+    batch = np.arange(len(pick))
+    cos = np.matmul(unit, unit[batch, pick][:, :, None])[..., 0]
+    if cats is None or n_cats is None:
+        return cos.astype(np.float64)
+    picked = cats[batch, pick]  # (B, M)
+    inter = np.zeros(cos.shape, dtype=np.int64)
+    # |cats(c) ∩ cats(pick)|: both sets hold distinct ids, so one membership test per
+    # category of the pick counts the overlap; padding of the pick never counts.
+    for m in range(picked.shape[1]):
+        p = picked[:, m]
+        inter += (cats == p[:, None, None]).any(axis=2) & (p >= 0)[:, None]
+    n_pick = n_cats[batch, pick][:, None]
+    union = n_cats + n_pick - inter
+    known = (n_cats > 0) & (n_pick > 0)
+    jac = inter / np.where(union > 0, union, 1)
+    return np.where(known, (1.0 - category_weight) * cos + category_weight * jac, cos)
 
 
 def mmr(
@@ -72,9 +80,14 @@ def mmr(
     vectors: (B, C, D) float item embeddings.
     categories: (B, C, M) int distinct category ids per candidate, -1 padding.
     Returns (B, k) int64 candidate positions in pick order, -1 once a row runs out.
+
+    Similarities are computed per step, only against the item just picked (k matrix-vector
+    products instead of all C x C pairs: k is the slate, C the pool), and in float32: item
+    embeddings are float32 already and cosines agree with the float64 reference to ~1e-7.
+    Relevance normalisation and the running scores stay float64 (they are only (B, C)).
     """
     relevance = np.asarray(relevance, dtype=np.float64)
-    vectors = np.asarray(vectors, dtype=np.float64)
+    vectors = np.asarray(vectors)
     _check(relevance, vectors, k, diversity)
     b, c = relevance.shape
     out = np.full((b, k), -1, dtype=np.int64)
@@ -87,28 +100,22 @@ def mmr(
     safe_span = np.where(span > 0, span, 1.0)
     rel = np.where(span > 0, (relevance - lo) / safe_span, 1.0)
     rel = np.where(avail, rel, 0.0)
-    norms = np.linalg.norm(vectors, axis=2, keepdims=True)
-    unit = vectors / np.where(norms > 0, norms, 1.0)
-    cats = None
+    x = np.asarray(vectors, dtype=np.float32)
+    norms = np.sqrt(np.einsum("bcd,bcd->bc", x, x))
+    unit = x / np.where(norms > 0, norms, 1.0)[..., None]
+    cats = n_cats = None
     if categories is not None:
         cats = np.asarray(categories)
         if cats.shape[:2] != (b, c) or cats.ndim != 3:
             raise ValueError(f"{STAGE}: expected categories (B, C, M), got {cats.shape}")
+        # Drop category columns that are padding everywhere (most items have one category
+        # out of max_categories slots): the per-step overlap test scales with M.
+        cats = cats[..., (cats >= 0).any(axis=(0, 1))]
         n_cats = (cats >= 0).sum(axis=2)
-    # All pairwise similarities once, (B, C, C): each greedy step is then a gather. C is the
-    # MMR pool (tens of candidates), so this is cheaper than recomputing per step.
-    sim_all = np.matmul(unit, unit.transpose(0, 2, 1))
-    if cats is not None:
-        inter = _shared_categories(cats)  # (B, C, C)
-        union = n_cats[:, :, None] + n_cats[:, None, :] - inter
-        known = (n_cats[:, :, None] > 0) & (n_cats[:, None, :] > 0)
-        jac = inter / np.where(union > 0, union, 1)
-        sim_all = np.where(
-            known, (1.0 - category_weight) * sim_all + category_weight * jac, sim_all
-        )
     max_sim = np.zeros((b, c))
     batch = np.arange(b)
-    for t in range(min(k, c)):
+    steps = min(k, c)
+    for t in range(steps):
         score = rel if t == 0 else (1.0 - diversity) * rel - diversity * max_sim
         score = np.where(avail, score, -np.inf)
         pick = score.argmax(axis=1)
@@ -117,7 +124,9 @@ def mmr(
             break
         out[:, t] = np.where(ok, pick, -1)
         avail[batch[ok], pick[ok]] = False
-        sim = sim_all[batch, :, pick]  # (B, C): similarity of every candidate to the pick
+        if t + 1 == steps:
+            break  # the last pick's similarities would never be read
+        sim = _similarity_to(unit, cats, n_cats, pick, category_weight)
         max_sim = np.where(ok[:, None], np.maximum(max_sim, sim) if t else sim, max_sim)
     return out
 

@@ -188,29 +188,38 @@ class FilterStage:
 
     def __call__(self, cands: Candidates) -> Candidates:
         rows = cands.rows
-        b = len(rows)
         per_user = [self.excluded_items(r) for r in cands.requests]
-        owner = np.repeat(np.arange(b, dtype=np.int64), [len(x) for x in per_user])
+        owner = np.repeat(np.arange(len(rows), dtype=np.int64), [len(x) for x in per_user])
         ex_rows = self.index.rows_of([i for x in per_user for i in x], live_only=False)
-        # One isin over (user, row) keys instead of a Python loop over B users.
-        span = max(self.index.n_rows, int(rows.max(initial=0)) + 1, 1)
-        ex_keys = owner * span + ex_rows
-        ex_keys = ex_keys[ex_rows >= 0]
-        keys = np.arange(b, dtype=np.int64)[:, None] * span + rows
-        drop = (rows < 0) | np.isin(keys, ex_keys)
+        known = ex_rows >= 0
+        owner, ex_rows = owner[known], ex_rows[known]
+        drop = rows < 0
+        if len(ex_rows):
+            # Each exclusion is compared with its own user's candidates only, (E, C) in all
+            # (a user has a handful), then OR-ed per user; ``owner`` is sorted by user.
+            hit = rows[owner] == ex_rows[:, None]
+            users, first = np.unique(owner, return_index=True)
+            drop[users] |= np.logical_or.reduceat(hit, first, axis=0)
         if self.catalog_rows is not None:
             drop |= self.catalog_rows.refresh().blocked_of(rows)
+        if not drop.any():
+            return cands
+        # Survivors keep their order and move to the front (a stable sort on the flag).
         order = np.argsort(drop, axis=1, kind="stable")
         drop = np.take_along_axis(drop, order, axis=1)
 
         def take(x: np.ndarray, fill: float) -> np.ndarray:
             return np.where(drop, fill, np.take_along_axis(x, order, axis=1))
 
+        retrieval = take(cands.retrieval_scores, -np.inf).astype(np.float32, copy=False)
         return replace(
             cands,
-            rows=take(rows, -1).astype(np.int64),
-            retrieval_scores=take(cands.retrieval_scores, -np.inf).astype(np.float32),
-            scores=take(cands.scores, -np.inf).astype(np.float32),
+            rows=take(rows, -1).astype(np.int64, copy=False),
+            retrieval_scores=retrieval,
+            # Retrieval hands one array as both scores (nothing reranked yet): sort it once.
+            scores=retrieval
+            if cands.scores is cands.retrieval_scores
+            else take(cands.scores, -np.inf).astype(np.float32, copy=False),
         )
 
 
@@ -327,6 +336,13 @@ class FreshItems:
                 )
                 self._snapshot = (ids, vecs)
             return self._snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class _FreshChoices:
+    ids: list[str]  # new item ids (a FreshItems snapshot)
+    best: list[list[int]]  # (B, top) positions into ids, best first
+    scores: list[list[float]]  # (B, top) user . item, aligned with best
 
 
 class PipelineSettings(Protocol):
@@ -467,58 +483,71 @@ class Pipeline:
         cands = self.rerank(cands)
         t = self._timed(self.rerank.name, t)
         ordered = self.order(cands)
-        slates = self._slates(ordered)
-        if self.fresh is not None and self.fresh_slots and len(self.fresh):
-            slates = self._reserve_fresh(encoded, slates)
+        slates = self._slates(ordered, self._fresh_choices(encoded))
         self._timed(self.order.name, t)
         return slates
 
-    def _reserve_fresh(self, encoded: Encoded, slates: list[Slate]) -> list[Slate]:
-        """Put each user's best-scoring new items into the last ``fresh_slots`` places."""
-        assert self.fresh is not None
+    def _fresh_choices(self, encoded: Encoded) -> _FreshChoices | None:
+        """Each user's best-scoring new items, best first, with room for excluded ones."""
+        if self.fresh is None or not self.fresh_slots or not len(self.fresh):
+            return None
         ids, vecs = self.fresh.snapshot()
         if not ids:
-            return slates
+            return None
         scores = encoded.user_vectors @ vecs.T  # (B, F)
-        top = min(len(ids), self.fresh_slots + 32)  # room for excluded ones
+        top = min(len(ids), self.fresh_slots + 32)
         best = np.argsort(-scores, axis=1)[:, :top]
-        size = self.order.slate_size
-        out = []
-        for b, slate in enumerate(slates):
-            taken = set(slate.item_ids) | set(self.filter.excluded_items(encoded.requests[b]))
-            picks = [j for j in best[b] if ids[j] not in taken][: self.fresh_slots]
-            if not picks:
-                out.append(slate)
-                continue
-            keep = max(0, min(len(slate.item_ids), size - len(picks)))
-            out.append(
-                replace(
-                    slate,
-                    item_ids=[*slate.item_ids[:keep], *(ids[j] for j in picks)],
-                    scores=[*slate.scores[:keep], *(float(scores[b, j]) for j in picks)],
-                )
-            )
-        return out
+        return _FreshChoices(ids, best.tolist(), np.take_along_axis(scores, best, 1).tolist())
 
-    def _slates(self, ordered: Ordered) -> list[Slate]:
+    def _slates(self, ordered: Ordered, fresh: _FreshChoices | None) -> list[Slate]:
         c = ordered.candidates
         pos = ordered.positions
         ok = pos >= 0
         safe = np.maximum(pos, 0)
         rows = np.take_along_axis(c.rows, safe, axis=1)
-        scores = np.take_along_axis(c.scores, safe, axis=1)
-        ids = c.row_ids[np.where(ok, rows, 0)] if len(c.row_ids) else None
+        # Whole-matrix tolist() once: per-row numpy slicing and conversion cost more than
+        # the slates themselves at 256 users.
+        scores = np.take_along_axis(c.scores, safe, axis=1).tolist()
+        ids = c.row_ids[np.where(ok, rows, 0)].tolist() if len(c.row_ids) else None
+        counts = ok.sum(axis=1).tolist()  # picks are packed left, so the first n are real
         model_version = self.encoder.version
         out = []
         for b, req in enumerate(c.requests):
-            n = int(ok[b].sum())  # picks are packed left, so the first n are real
-            out.append(
-                Slate(
-                    req.user_id,
-                    ids[b, :n].tolist() if ids is not None else [],
-                    scores[b, :n].astype(float).tolist(),
-                    model_version,
-                    c.index_version,
-                )
-            )
+            n = counts[b]
+            item_ids = ids[b][:n] if ids is not None else []
+            item_scores = scores[b][:n]
+            if fresh is not None:
+                item_ids, item_scores = self._reserve_fresh(req, item_ids, item_scores, fresh, b)
+            out.append(Slate(req.user_id, item_ids, item_scores, model_version, c.index_version))
         return out
+
+    def _reserve_fresh(
+        self,
+        request: SlateRequest,
+        item_ids: list[str],
+        scores: list[float],
+        fresh: _FreshChoices,
+        b: int,
+    ) -> tuple[list[str], list[float]]:
+        """Put the user's best new items (not in the slate, not excluded) into the last
+        ``fresh_slots`` places."""
+        picks: list[int] = []
+        excluded: list[str] | None = None
+        for n, j in enumerate(fresh.best[b]):
+            item = fresh.ids[j]
+            if item in item_ids:
+                continue
+            if excluded is None:  # the history scan, once per user and only if needed
+                excluded = self.filter.excluded_items(request)
+            if item in excluded:
+                continue
+            picks.append(n)
+            if len(picks) == self.fresh_slots:
+                break
+        if not picks:
+            return item_ids, scores
+        keep = max(0, min(len(item_ids), self.order.slate_size - len(picks)))
+        return (
+            [*item_ids[:keep], *(fresh.ids[fresh.best[b][n]] for n in picks)],
+            [*scores[:keep], *(fresh.scores[b][n] for n in picks)],
+        )

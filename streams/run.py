@@ -40,10 +40,15 @@ def build_worker(
     threads = settings.torch_threads or max(1, min(4, (os.cpu_count() or 2) - 1))
     torch.set_num_threads(threads)
     import faiss
+    from threadpoolctl import threadpool_limits
 
     # Searches run batched from the one model thread; OpenMP fan-out on top of torch's
     # threads only oversubscribes the cores.
     faiss.omp_set_num_threads(threads)
+    # numpy's own OpenBLAS (the batched search and MMR products) starts one spinning thread
+    # per core by default: next to the event loop that tripled the model stages' wall time
+    # and slowed the loop too (docs/bench-stream.md). Same cap as torch's.
+    threadpool_limits(limits=threads, user_api="blas")
     recommender = Recommender.load(settings, metrics)
     worker = StreamWorker(settings, recommender, metrics)
     worker.feeds = [

@@ -107,6 +107,32 @@ def test_upsert_remove_semantics() -> None:
     np.testing.assert_array_equal(index.vectors_of_rows(np.array([[row_b, -1]]))[0, 1], 0.0)
 
 
+def test_batched_flat_search_matches_faiss_kernel() -> None:
+    """Batches of queries take the numpy path, single queries faiss' kernel: same answers."""
+    x = clustered(3000, d=8)
+    q = clustered(40, d=8, seed=3)
+    index = ItemIndex(8)
+    index.upsert(ids(3000), x)
+    index.remove(ids(100, start=50))
+    index.upsert(["tie"], x[7:8])  # an exact tie with i7
+    batched = index.search(q, 60)
+    single = [index.search(q[j : j + 1], 60) for j in range(len(q))]
+    # Same items; order may differ only between equal scores (faiss' heap puts the higher
+    # row first, the batched path the lower one, as exact_topk does).
+    assert [set(r) for r in batched.item_ids()] == [set(s.item_ids()[0]) for s in single]
+    np.testing.assert_allclose(batched.scores, np.vstack([s.scores for s in single]), rtol=1e-5)
+    assert not set(ids(100, start=50)) & {i for r in batched.item_ids() for i in r}
+    first = index.search(np.repeat(x[7:8], 20, axis=0), 2).item_ids()[0]
+    assert first == ["i7", "tie"]
+    small = ItemIndex(8)
+    small.upsert(ids(30), x[:30])
+    small.remove(ids(5))
+    res = small.search(q, 40)  # k > live items: -1 padding after the 25 live ones
+    assert (res.rows[:, :25] >= 0).all()
+    assert (res.rows[:, 25:] == -1).all()
+    assert np.isneginf(res.scores[:, 25:]).all()
+
+
 def test_old_search_results_keep_their_ids_after_growth() -> None:
     index = ItemIndex(2)
     index.upsert(["a"], np.ones((1, 2), np.float32))

@@ -1,0 +1,128 @@
+"""Per-stage cost of ``Pipeline.recommend`` on the stream benchmark's batch shape, no Kafka.
+
+    python bench/pipeline_stages.py [--batch 256] [--items 2000] [--reps 30] [--json OUT]
+
+The batch is what a worker sees in ``streamrec bench stream``: a generated shop (2,000 items
+in 12 categories, all in the catalog), 256 users with up to 50 steps of history, 200
+candidates, a slate of 10, diversity 0.2, one fresh (text-embedded) item. The encoder is a
+mean of item vectors (the real encoder's cost is the encoder benchmark's business), so the
+figures are retrieve, filter, rerank and order. Medians over ``--reps`` calls after a warm-up,
+with faiss and numpy on one thread as in the worker's model thread on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from serving.catalog import Catalog, ItemMeta
+from serving.pipeline import FreshItems, Pipeline, SlateRequest
+from serving.synthetic import make_shop
+from serving.types import Step
+
+D = 64
+
+
+class MeanEncoder:
+    version = "bench-mean"
+    dim = D
+
+    def __init__(self, ids: list[str], vectors: np.ndarray) -> None:
+        self.ids, self.vectors = ids, vectors
+        self.row = {item: j for j, item in enumerate(ids)}
+
+    def item_ids(self) -> Sequence[str]:
+        return self.ids
+
+    def item_vectors(self) -> np.ndarray:
+        return self.vectors
+
+    def encode(self, histories: Sequence[Sequence[Step]]) -> np.ndarray:
+        out = np.zeros((len(histories), D), np.float32)
+        for b, h in enumerate(histories):
+            rows = [self.row[s.item] for s in h if s.item in self.row]
+            if rows:
+                out[b] = self.vectors[rows].mean(axis=0)
+        return out
+
+
+def build(batch: int, n_items: int, seed: int = 3) -> tuple[Pipeline, list[SlateRequest], dict]:
+    """A pipeline over a generated shop and one batch of requests; ``stages`` collects times."""
+    shop = make_shop(n_items=n_items, n_users=max(batch, 1500), events_per_user=20, seed=seed)
+    rng = np.random.default_rng(seed)
+    cat_names = sorted({c for i in shop.items for c in i["categories"]})
+    centers = rng.standard_normal((len(cat_names), D)).astype(np.float32)
+    ids = [i["item_id"] for i in shop.items]
+    cat_of = {n: j for j, n in enumerate(cat_names)}
+    vecs = np.stack([centers[cat_of[i["categories"][0]]] for i in shop.items])
+    vecs += 0.7 * rng.standard_normal(vecs.shape).astype(np.float32)
+    catalog = Catalog()
+    for item in shop.items:
+        catalog.upsert(item["item_id"], ItemMeta(categories=tuple(item["categories"])))
+    stages: dict[str, list[float]] = defaultdict(list)
+    fresh = FreshItems(D)
+    pipe = Pipeline.from_encoder(
+        MeanEncoder(ids, vecs),
+        catalog,
+        candidates=200,
+        slate_size=10,
+        diversity=0.2,
+        on_stage=lambda name, s: stages[name].append(s),
+        fresh=fresh,
+        fresh_slots=1,
+    )
+    new = rng.standard_normal((1, D)).astype(np.float32)
+    catalog.upsert("new-0", ItemMeta(categories=(cat_names[0],)))
+    pipe.index.upsert(["new-0"], new)
+    fresh.put("new-0", new[0])
+    by_user: dict[str, list[Step]] = defaultdict(list)
+    for e in shop.events:
+        by_user[e["user_id"]].append(Step(e["item_id"], e["type"], e["ts"]))
+    users = list(by_user)[:batch]
+    requests = [SlateRequest(u, tuple(by_user[u][-50:])) for u in users]
+    return pipe, requests, stages
+
+
+def run(batch: int, n_items: int, reps: int) -> dict[str, Any]:
+    pipe, requests, stages = build(batch, n_items)
+    pipe.recommend(requests)  # warm-up
+    stages.clear()
+    total = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        pipe.recommend(requests)
+        total.append(time.perf_counter() - t)
+    return {
+        "batch": batch,
+        "items": n_items,
+        "reps": reps,
+        "total_ms": float(np.median(total) * 1e3),
+        "stages_ms": {k: round(float(np.median(v) * 1e3), 3) for k, v in stages.items()},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--items", type=int, default=2000)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    res = run(args.batch, args.items, args.reps)
+    print(json.dumps(res))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
