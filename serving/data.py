@@ -73,13 +73,13 @@ class Interactions:
 # Reading files
 
 
-def open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path, encoding: str = "utf-8") -> io.TextIOBase:
     """Open a text file, gunzipping ``*.gz``; a missing file names the stage and the path."""
     if not path.is_file():
         raise FileNotFoundError(f"{STAGE}: expected a data file, found nothing at {path}")
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding=encoding, newline="")
+    return open(path, encoding=encoding, newline="")
 
 
 def _group(
@@ -292,7 +292,8 @@ def load_item_attributes(path: Path | str, fmt: str) -> dict[str, list[str]]:
     ``items`` (JSON lines of ``streamrec.items`` messages: ``categories``).
     """
     path = Path(path)
-    with open_text(path) as fh:
+    # MovieLens files are Latin-1 (accented titles); the others are UTF-8 JSON.
+    with open_text(path, "latin-1" if fmt == "ml-100k" else "utf-8") as fh:
         text = fh.read()
     if fmt == "s3rec":
         try:
@@ -304,7 +305,8 @@ def load_item_attributes(path: Path | str, fmt: str) -> dict[str, list[str]]:
         return {str(k): [str(a) for a in v] for k, v in raw.items()}
     if fmt == "ml-100k":
         genre_file = path.with_name("u.genre")
-        with open_text(genre_file if genre_file.exists() else path.with_name("u.genre.gz")) as g:
+        genres_path = genre_file if genre_file.exists() else path.with_name("u.genre.gz")
+        with open_text(genres_path, "latin-1") as g:
             genres = [ln.split("|")[0] for ln in g.read().splitlines() if ln.strip()]
         out: dict[str, list[str]] = {}
         for line in text.splitlines():

@@ -35,9 +35,17 @@ from serving.data import (
     load_interactions,
     load_item_attributes,
 )
-from serving.encoder import EncoderConfig
+from serving.encoder import Batch, EncoderConfig
 from serving.evaluate import EvalReport, evaluate_split, print_reports, write_json
-from serving.train import TrainConfig, fit, resolve_device, seed_everything, train_encoder
+from serving.train import (
+    TrainConfig,
+    TrainResult,
+    fit,
+    resolve_device,
+    seed_everything,
+    softmax_loss,
+    train_encoder,
+)
 
 DATASETS: dict[str, tuple[str, str]] = {
     "beauty": ("s3rec/Beauty.txt.gz", "s3rec"),
@@ -54,6 +62,25 @@ ATTRIBUTES: dict[str, tuple[Path, str]] = {
 }
 
 console = Console()
+
+
+def _full_softmax(model: torch.nn.Module, batch: Batch, targets: torch.Tensor) -> torch.Tensor:
+    return softmax_loss(model, batch, targets, 0)  # type: ignore[arg-type]
+
+
+def _reuse(model_dir: Path, device: str) -> TrainResult:
+    """A saved model of ours, wrapped as the result of a training run (read from its config)."""
+    loaded = load_model(model_dir, device=device)
+    config = loaded.config
+    metrics = config.get("metrics", {})
+    return TrainResult(
+        model=loaded.model,
+        best_epoch=int(metrics.get("best_epoch", 0)) if isinstance(metrics, dict) else 0,
+        best_valid=None,
+        epochs_run=0,
+        seconds=0.0,
+        attributes=sorted(loaded.attribute_index, key=loaded.attribute_index.__getitem__),
+    )
 
 
 def _ratios(ours: dict[str, float], peer: dict[str, float]) -> dict[str, float | None]:
@@ -92,6 +119,14 @@ def main(
         bool, typer.Option(help="add the dataset's item attributes (S3-Rec ids, ML genres)")
     ] = False,
     max_attrs: int = 8,
+    peer_loss: Annotated[
+        str,
+        typer.Option(help="bce: SASRec as published (1 negative); ce: full softmax, as RecBole"),
+    ] = "bce",
+    ours_model: Annotated[
+        Path | None,
+        typer.Option(help="evaluate this saved model of ours instead of training one"),
+    ] = None,
     progress: bool = True,
 ) -> None:
     if dataset not in DATASETS:
@@ -132,8 +167,17 @@ def main(
         device=device,
         progress=progress,
     )
-    attrs = load_item_attributes(*ATTRIBUTES[dataset]) if attributes else None
-    ours, vocab, log_ = train_encoder(split, model_cfg, train_cfg, attrs, max_attrs)
+    if peer_loss not in ("bce", "ce"):
+        raise typer.BadParameter(f"bench: expected --peer-loss bce or ce, got {peer_loss!r}")
+    if ours_model is not None:
+        ours = _reuse(ours_model, device)
+        vocab = ItemVocab(load_model(ours_model, device="cpu").item_ids())
+        if list(vocab.ids) != data.item_ids():
+            raise typer.BadParameter(f"bench: {ours_model} was trained on another item set")
+        log_ = EncodedLog(data, vocab)
+    else:
+        attrs = load_item_attributes(*ATTRIBUTES[dataset]) if attributes else None
+        ours, vocab, log_ = train_encoder(split, model_cfg, train_cfg, attrs, max_attrs)
     model_cfg = ours.model.cfg
     reports: dict[str, EvalReport] = {
         "ours": evaluate_split(ours.model, split, log_, "test", max_len=max_len),
@@ -161,6 +205,7 @@ def main(
             "best_epoch": ours.best_epoch,
             "epochs_run": ours.epochs_run,
             "train_seconds": ours.seconds,
+            "reused_from": str(ours_model) if ours_model else None,
         },
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,7 +233,7 @@ def main(
         started = time.perf_counter()
         best_epoch, best_valid, epochs_run, _ = fit(
             peer,
-            bce_one_negative,
+            bce_one_negative if peer_loss == "bce" else _full_softmax,
             split,
             EncodedLog(data, ItemVocab(vocab.ids)),
             peer_train,
@@ -204,7 +249,8 @@ def main(
         peer_metrics = reports["SASRec (peer)"].metrics
         peer_excl = reports["SASRec (peer, history excluded)"].metrics
         payload["peer"] = {
-            "name": "SASRec (Kang & McAuley 2018), BCE + 1 negative",
+            "name": "SASRec (Kang & McAuley 2018), "
+            + ("BCE + 1 negative" if peer_loss == "bce" else "full-softmax cross-entropy"),
             "test": reports["SASRec (peer)"].to_json(),
             "test_history_excluded": reports["SASRec (peer, history excluded)"].to_json(),
             "valid": best_valid.to_json() if best_valid else None,

@@ -37,10 +37,13 @@ def test_movielens_genres(tmp_path: Path) -> None:
     (tmp_path / "u.genre").write_text("unknown|0\nAction|1\nComedy|2\n\n")
     (tmp_path / "u.item").write_text(
         "1|Toy Story (1995)|01-Jan-1995||http://x|0|0|1\n2|Heat (1995)|01-Jan-1995||http://y|0|1|1\n"
+        "3|Misérables, Les (1995)|01-Jan-1995||http://z|1|0|0\n",
+        encoding="latin-1",
     )
     assert load_item_attributes(tmp_path / "u.item", "ml-100k") == {
         "1": ["Comedy"],
         "2": ["Action", "Comedy"],
+        "3": ["unknown"],
     }
 
 
