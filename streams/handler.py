@@ -12,7 +12,6 @@ the user's last event of the batch answers the earlier ones too, listed in
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -20,6 +19,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import orjson
 
 from schemas.codec import DecodeError, Limits, dead_letter, decode_event
 from schemas.models import Event
@@ -282,9 +283,7 @@ class EventBatchHandler:
             }
             if others:
                 rec["coalesced_event_ids"] = others
-            recs.append(
-                OutMessage(user.user_id.encode(), json.dumps(rec, separators=(",", ":")).encode())
-            )
+            recs.append(OutMessage(user.user_id.encode(), orjson.dumps(rec)))
             self.metrics.end_to_end_latency.observe(max(0.0, (now_ms - trigger.ts) / 1000.0))
         self.metrics.recommendations_produced.inc(len(recs))
         if coalesced:
