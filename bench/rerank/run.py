@@ -12,8 +12,6 @@ weight, the whole trade-off curve (PNG), and the reranker's latency at B=256 x C
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import os
 import sys
@@ -34,7 +32,7 @@ import typer
 from rich.console import Console
 
 from serving.artifacts import LoadedEncoder, load_model, save_model
-from serving.data import leave_one_out, load_interactions
+from serving.data import leave_one_out, load_interactions, load_item_attributes
 from serving.encoder import EncoderConfig
 from serving.pipeline import Candidates, SlateRequest
 from serving.reranker import RerankTrainConfig, TransformerReranker, save_reranker, train_reranker
@@ -54,22 +52,9 @@ console = Console()
 def item_categories(dataset: str, root: Path) -> dict[str, list[str]]:
     """Category names per item where the dataset ships them (ML genres, S3-Rec attribute ids)."""
     if dataset == "ml-100k":
-        genres = [
-            line.split("|")[0]
-            for line in (root / "ml-100k/u.genre").read_text(encoding="latin-1").splitlines()
-            if line.strip()
-        ]
-        out = {}
-        for line in (root / "ml-100k/u.item").read_text(encoding="latin-1").splitlines():
-            parts = line.split("|")
-            if len(parts) >= 5 + len(genres):
-                flags = parts[-len(genres) :]
-                out[parts[0]] = [g for g, f in zip(genres, flags, strict=True) if f == "1"]
-        return out
+        return load_item_attributes(root / "ml-100k/u.item", "ml-100k")
     name = {"beauty": "Beauty", "yelp": "Yelp"}[dataset]
-    with gzip.open(root / f"s3rec/{name}_item2attributes.json.gz", "rt") as fh:
-        raw = json.load(fh)
-    return {str(k): [str(a) for a in v] for k, v in raw.items()}
+    return load_item_attributes(root / f"s3rec/{name}_item2attributes.json.gz", "s3rec")
 
 
 def latency(
