@@ -11,12 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from serving.types import EVENT_TYPE_ID, EVENT_TYPES, Step
+from serving.types import EVENT_TYPE_ID, Step
 
 #: Recent event-id fingerprints kept per user for duplicate detection.
 MAX_EVENT_IDS = 128
 #: Purchased items remembered per user (filtered out of slates).
 MAX_PURCHASED = 100
+#: Stored event-type id -> name (``EVENT_TYPE_ID`` inverted).
+_TYPE_OF = {i: name for name, i in EVENT_TYPE_ID.items()}
 
 
 def event_fingerprint(event_id: str) -> str:
@@ -93,7 +95,9 @@ class SessionState:
         if not data:
             return cls()
         return cls(
-            history=tuple(Step(str(i), EVENT_TYPES[int(t) - 1], int(ts)) for i, t, ts in data["h"]),
+            # The hot path of every event (one read per user per batch): values come back as
+            # ``to_json`` wrote them (str, int, int), so no per-field conversion.
+            history=tuple([Step(i, _TYPE_OF[t], ts) for i, t, ts in data["h"]]),
             purchased=tuple(str(p) for p in data.get("p", ())),
             recent_events=tuple((str(f), int(t)) for f, t in data.get("e", ())),
             last_slate=tuple(str(s) for s in data.get("s", ())),
