@@ -16,42 +16,24 @@ import argparse
 import json
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.index_bench import MeanEncoder
 from serving.catalog import Catalog, ItemMeta
 from serving.pipeline import FreshItems, Pipeline, SlateRequest
 from serving.synthetic import make_shop
 from serving.types import Step
 
 D = 64
-
-
-class MeanEncoder:
-    version = "bench-mean"
-    dim = D
-
-    def __init__(self, ids: list[str], vectors: np.ndarray) -> None:
-        self.ids, self.vectors = ids, vectors
-        self.row = {item: j for j, item in enumerate(ids)}
-
-    def item_ids(self) -> Sequence[str]:
-        return self.ids
-
-    def item_vectors(self) -> np.ndarray:
-        return self.vectors
-
-    def encode(self, histories: Sequence[Sequence[Step]]) -> np.ndarray:
-        out = np.zeros((len(histories), D), np.float32)
-        for b, h in enumerate(histories):
-            rows = [self.row[s.item] for s in h if s.item in self.row]
-            if rows:
-                out[b] = self.vectors[rows].mean(axis=0)
-        return out
 
 
 def build(batch: int, n_items: int, seed: int = 3) -> tuple[Pipeline, list[SlateRequest], dict]:
