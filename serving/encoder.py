@@ -221,13 +221,15 @@ class SequenceEncoder(nn.Module):
             return torch.arange(t - 1, -1, -1, device=items.device).expand_as(items)
         pos = (items > 0).cumsum(dim=1) - 1
         if offset is not None:
+            # Without a past, _embed's length check already bounds positions; only cached
+            # encoding needs the (device-syncing) max, and it is not on the training path.
             pos = pos + offset[:, None]
-        top = int(pos.max()) if pos.numel() else 0
-        if top >= self.cfg.max_len:
-            raise ValueError(
-                f"{STAGE}: expected windows of at most max_len={self.cfg.max_len} steps, "
-                f"got {top + 1}"
-            )
+            top = int(pos.max()) if pos.numel() else 0
+            if top >= self.cfg.max_len:
+                raise ValueError(
+                    f"{STAGE}: expected windows of at most max_len={self.cfg.max_len} steps, "
+                    f"got {top + 1}"
+                )
         return pos.clamp_(min=0)
 
     def _embed(self, batch: Batch, offset: torch.Tensor | None = None) -> torch.Tensor:

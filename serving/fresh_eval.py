@@ -149,15 +149,8 @@ def pipeline_slates(
     vecs = encoder.item_vectors()
     for row in np.flatnonzero(fresh):
         pool.put(item_ids[int(row)], vecs[row])
-    pipeline = Pipeline.from_encoder(
-        encoder,
-        catalog,
-        candidates=setup.candidates,
-        slate_size=setup.slate_size,
-        diversity=setup.diversity,
-        filter_seen=setup.filter_seen,
-        fresh=pool,
-        fresh_slots=setup.fresh_slots,
+    pipeline = Pipeline.from_settings(
+        encoder, catalog, setup, fresh=pool, fresh_slots=setup.fresh_slots
     )
     out: list[list[str]] = []
     for start in range(0, len(users), batch):

@@ -68,12 +68,13 @@ def _full_softmax(model: torch.nn.Module, batch: Batch, targets: torch.Tensor) -
     return softmax_loss(model, batch, targets, 0)  # type: ignore[arg-type]
 
 
-def _reuse(model_dir: Path, device: str) -> TrainResult:
-    """A saved model of ours, wrapped as the result of a training run (read from its config)."""
+def _reuse(model_dir: Path, device: str) -> tuple[TrainResult, list[str]]:
+    """A saved model of ours, wrapped as the result of a training run (read from its config),
+    and its item ids."""
     loaded = load_model(model_dir, device=device)
     config = loaded.config
     metrics = config.get("metrics", {})
-    return TrainResult(
+    result = TrainResult(
         model=loaded.model,
         best_epoch=int(metrics.get("best_epoch", 0)) if isinstance(metrics, dict) else 0,
         best_valid=None,
@@ -81,6 +82,7 @@ def _reuse(model_dir: Path, device: str) -> TrainResult:
         seconds=0.0,
         attributes=sorted(loaded.attribute_index, key=loaded.attribute_index.__getitem__),
     )
+    return result, list(loaded.item_ids())
 
 
 def _ratios(ours: dict[str, float], peer: dict[str, float]) -> dict[str, float | None]:
@@ -170,8 +172,8 @@ def main(
     if peer_loss not in ("bce", "ce"):
         raise typer.BadParameter(f"bench: expected --peer-loss bce or ce, got {peer_loss!r}")
     if ours_model is not None:
-        ours = _reuse(ours_model, device)
-        vocab = ItemVocab(load_model(ours_model, device="cpu").item_ids())
+        ours, ids = _reuse(ours_model, device)
+        vocab = ItemVocab(ids)
         if list(vocab.ids) != data.item_ids():
             raise typer.BadParameter(f"bench: {ours_model} was trained on another item set")
         log_ = EncodedLog(data, vocab)
