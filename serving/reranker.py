@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -711,7 +711,7 @@ class RerankTrainConfig:
     """Optimisation and candidate-logging settings (model shape lives in RerankerConfig)."""
 
     candidates: int = 100  # C retrieved per training/validation case
-    prefixes: int = 10  # newest training positions per user used as training cases
+    prefixes: int = 10  # newest training positions per user used as training cases (0: none)
     epochs: int = 30
     batch_size: int = 256
     lr: float = 1e-3
@@ -836,6 +836,53 @@ def log_candidates(
     )
 
 
+def heldout_candidates(
+    aux: EncoderLike,
+    split: LeaveOneOut,
+    vocab: ItemVocab,
+    *,
+    steps: int,
+    candidates: int,
+    seq_len: int,
+    horizon: int = 5,
+) -> LoggedCandidates:
+    """Training cases whose retrieval looks like serving: logged by a cross-fitted encoder.
+
+    ``aux`` must be an encoder trained with the same settings on every user's training part
+    minus its last ``steps`` steps (``leave_one_out`` of the training parts leaves 2 out), so the
+    cases at positions ``[train_cut - steps, train_cut)`` are targets it never fitted. The
+    serving encoder fitted every training prefix, so its own candidates for them are more
+    accurate than its candidates for held-out steps; a reranker trained only on those learns
+    to trust retrieval more than it should. Candidate and history indices are mapped to
+    ``vocab`` (the serving encoder's); items ``aux`` never saw cannot be its candidates.
+    """
+    if steps < 1:
+        raise ValueError(f"{STAGE}: expected held-out steps >= 1, got {steps}")
+    cases = [
+        (u, cut)
+        for u, train_cut in enumerate(split.train_cut)
+        for cut in range(max(1, train_cut - steps), train_cut)
+    ]
+    got = log_candidates(
+        aux,
+        EncodedLog(split.data, aux.vocab),
+        cases,
+        candidates=candidates,
+        seq_len=seq_len,
+        horizon=horizon,
+        stop=split.train_cut,
+    )
+    to_main = np.concatenate([[0], vocab.lookup(aux.vocab.ids)]).astype(np.int64)
+    main_log = EncodedLog(split.data, vocab)
+    seq_items = np.zeros_like(got.seq_items)
+    seq_types = np.zeros_like(got.seq_types)
+    for j, (u, cut) in enumerate(cases):
+        f = main_log.prefix(u, cut, seq_len)
+        if len(f):
+            seq_items[j, seq_len - len(f) :], seq_types[j, seq_len - len(f) :] = f.items, f.types
+    return replace(got, cand=to_main[got.cand], seq_items=seq_items, seq_types=seq_types)
+
+
 def training_cases(split: LeaveOneOut, prefixes: int) -> list[tuple[int, int]]:
     """The newest ``prefixes`` positions of each user's training part as (user, cut) cases."""
     if prefixes < 1:
@@ -898,6 +945,7 @@ def train_reranker(
     model: Mapping[str, object] | None = None,
     categories: Mapping[str, Sequence[str]] | None = None,
     prices: Mapping[str, float] | None = None,
+    heldout: LoggedCandidates | None = None,
     device: str | torch.device = "cpu",
 ) -> RerankTrainResult:
     """Train a reranker on candidates the encoder retrieves for ``split``'s training prefixes.
@@ -907,6 +955,8 @@ def train_reranker(
     candidate distribution it never sees when serving) but still train the next-action head.
     Early stopping watches validation NDCG@10 over the validation cases' candidates, where a
     target outside them counts as a miss. ``model`` overrides RerankerConfig fields.
+    ``heldout`` (:func:`heldout_candidates`) adds cross-fitted cases; with ``cfg.prefixes == 0``
+    they are the only training cases.
     """
     cfg = cfg or RerankTrainConfig()
     started = time.perf_counter()
@@ -933,14 +983,32 @@ def train_reranker(
             **overrides,
         }  # type: ignore[arg-type]
     )
-    train = log_candidates(
-        encoder,
-        log_,
-        training_cases(split, cfg.prefixes),
-        candidates=cfg.candidates,
-        seq_len=rcfg.max_len,
-        horizon=rcfg.purchase_horizon,
-        stop=split.train_cut,
+    parts = [heldout] if heldout is not None else []
+    if heldout is not None and heldout.cand.shape[1] != cfg.candidates:
+        raise ValueError(
+            f"{STAGE}: expected held-out cases with {cfg.candidates} candidates, got "
+            f"{heldout.cand.shape[1]}"
+        )
+    if cfg.prefixes or not parts:
+        parts.insert(
+            0,
+            log_candidates(
+                encoder,
+                log_,
+                training_cases(split, cfg.prefixes),
+                candidates=cfg.candidates,
+                seq_len=rcfg.max_len,
+                horizon=rcfg.purchase_horizon,
+                stop=split.train_cut,
+            ),
+        )
+    if parts[-1].seq_items.shape[1] != rcfg.max_len:
+        raise ValueError(
+            f"{STAGE}: expected held-out cases with max_len={rcfg.max_len} history steps, got "
+            f"{parts[-1].seq_items.shape[1]}"
+        )
+    train = LoggedCandidates(
+        *(np.concatenate([getattr(x, f.name) for x in parts]) for f in fields(LoggedCandidates))
     )
     if not split.valid:
         raise ValueError(

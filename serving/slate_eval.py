@@ -7,6 +7,11 @@ Protocol (leave-one-out, the split ``serving.evaluate`` uses):
   outside them is a miss for every method, so the rows differ only in how they order the same C.
 - ``retrieval``: the top-k by retrieval score (equals the full ranking's top-k whenever C >= k).
 - ``rerank``: the top-k by the reranker's score.
+- ``retrieval_filtered`` / ``rerank_filtered``: the same after dropping every candidate the
+  user already has in the input history (the pipeline's ``filter_seen``). On logs without
+  repeat consumption (MovieLens ratings) a seen item is never the target, so most of what a
+  reranker gains over raw retrieval there may be this filter; ``lift_over_filtered`` compares
+  ``rerank`` with ``retrieval_filtered`` to tell the two apart.
 - ``curve``: MMR (``serving.ordering.mmr``, cosine of the encoder's item vectors) over the
   rerank (or retrieval) scores for each diversity weight of a grid.
 
@@ -26,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.data import EncodedLog, LeaveOneOut
+from serving.data import EncodedLog, EvalCase, LeaveOneOut
 from serving.evaluate import evaluate_split
 from serving.ordering import coverage, intra_list_diversity, mmr
 from serving.reranker import (
@@ -86,6 +91,19 @@ def slate_metrics(
         f"ILD@{k}": float(ild[full].mean()) if full.any() else 0.0,
         f"coverage@{k}": coverage(top.tolist(), len(item_vectors) - 1),
     }
+
+
+def seen_mask(cand: np.ndarray, log_: EncodedLog, cases: Sequence[EvalCase]) -> np.ndarray:
+    """``(U, C) bool``: candidate ``cand[u, j]`` occurs in case ``u``'s input steps ``[0, cut)``."""
+    cand = np.asarray(cand)
+    if cand.ndim != 2 or len(cand) != len(cases):
+        raise ValueError(
+            f"{STAGE}: expected candidates ({len(cases)}, C) for the cases, got {cand.shape}"
+        )
+    out = np.zeros(cand.shape, dtype=bool)
+    for j, c in enumerate(cases):
+        out[j] = np.isin(cand[j], log_.items[c.user][: c.cut]) & (cand[j] > 0)
+    return out
 
 
 def top_k(cand: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
@@ -218,6 +236,11 @@ def evaluate_slates(
         "retrieval_full": full.metrics,
         "retrieval": slate_metrics(top_k(logged.cand, logged.retrieval, k), targets, vectors, k),
     }
+    seen = seen_mask(logged.cand, log_, cases)
+    report["seen_share"] = float(seen.mean())
+    report["retrieval_filtered"] = slate_metrics(
+        top_k(logged.cand, np.where(seen, -np.inf, logged.retrieval), k), targets, vectors, k
+    )
     if stages == "retrieval" or reranker is None:
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
@@ -226,10 +249,13 @@ def evaluate_slates(
     scores = score_logged(reranker.net, logged)
     report["rerank_seconds"] = round(time.perf_counter() - t0, 2)
     report["rerank"] = slate_metrics(top_k(logged.cand, scores, k), targets, vectors, k)
-    report["lift"] = {
-        name: _relative(report["rerank"][name], report["retrieval"][name])
-        for name in report["retrieval"]
-    }
+    report["rerank_filtered"] = slate_metrics(
+        top_k(logged.cand, np.where(seen, -np.inf, scores), k), targets, vectors, k
+    )
+    for key, base in (("lift", "retrieval"), ("lift_over_filtered", "retrieval_filtered")):
+        report[key] = {
+            name: _relative(report["rerank"][name], report[base][name]) for name in report[base]
+        }
     if stages == "full":
         grid = sorted({0.0, *grid, *([diversity] if diversity is not None else [])})
         sub = np.arange(len(cases))

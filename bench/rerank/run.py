@@ -8,6 +8,11 @@ reranker on the encoder's top-C candidates for the training prefixes, chooses th
 the VALIDATION split (largest ILD within ``--max-loss`` relative NDCG@10 of no diversity), then
 reports the test split: retrieval-only vs rerank on the same candidates, + MMR at the chosen
 weight, the whole trade-off curve (PNG), and the reranker's latency at B=256 x C=200.
+
+``--heldout-steps 2`` adds cross-fitted training cases (``serving.reranker.heldout_candidates``):
+a second encoder with the first one's saved settings is trained (into ``--heldout-model``, or
+reused from there) on every user's training part minus its last two steps, and logs the
+candidates for those two steps, which it never fitted.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -32,10 +38,23 @@ import typer
 from rich.console import Console
 
 from serving.artifacts import LoadedEncoder, load_model, save_model
-from serving.data import leave_one_out, load_interactions, load_item_attributes
+from serving.data import (
+    Interactions,
+    LeaveOneOut,
+    leave_one_out,
+    load_interactions,
+    load_item_attributes,
+)
 from serving.encoder import EncoderConfig
 from serving.pipeline import Candidates, SlateRequest
-from serving.reranker import RerankTrainConfig, TransformerReranker, save_reranker, train_reranker
+from serving.reranker import (
+    LoggedCandidates,
+    RerankTrainConfig,
+    TransformerReranker,
+    heldout_candidates,
+    save_reranker,
+    train_reranker,
+)
 from serving.slate_eval import evaluate_slates, plot_tradeoff, write_report
 from serving.train import TrainConfig, train_encoder
 from serving.types import Step
@@ -55,6 +74,51 @@ def item_categories(dataset: str, root: Path) -> dict[str, list[str]]:
         return load_item_attributes(root / "ml-100k/u.item", "ml-100k")
     name = {"beauty": "Beauty", "yelp": "Yelp"}[dataset]
     return load_item_attributes(root / f"s3rec/{name}_item2attributes.json.gz", "s3rec")
+
+
+def heldout_encoder(
+    encoder: LoadedEncoder, split: LeaveOneOut, out: Path, attributes: dict[str, list[str]] | None
+) -> LoadedEncoder:
+    """The cross-fitted encoder in ``out``: trained there, when missing, with ``encoder``'s saved
+    model and training settings on each user's training part, whose last two steps its own
+    leave-one-out split then holds out."""
+    if not (out / "model.safetensors").is_file():
+        users = tuple(
+            replace(
+                u,
+                items=u.items[:cut],
+                types=u.types[:cut],
+                ts_ms=u.ts_ms[:cut] if u.ts_ms is not None else None,
+            )
+            for u, cut in zip(split.data.users, split.train_cut, strict=True)
+            if cut > 0
+        )
+        part = Interactions(name=f"{split.data.name}-train-part", users=users)
+        raw, train_raw = encoder.config.get("model"), encoder.config.get("train")
+        if not isinstance(raw, dict) or not isinstance(train_raw, dict):
+            raise typer.BadParameter(
+                "bench: expected 'model' and 'train' settings in the encoder's config.json "
+                f"to train the cross-fitted encoder in {out} with, got none"
+            )
+        cfg = EncoderConfig.from_dict({**raw, "num_items": len(part.item_ids()), "num_attrs": 0})
+        tcfg = TrainConfig(**{**train_raw, "progress": False})
+        console.print(f"training the cross-fitted encoder into {out}")
+        res, vocab, _ = train_encoder(
+            leave_one_out(part),
+            cfg,
+            tcfg,
+            attributes if raw.get("num_attrs") else None,
+            int(raw.get("max_attrs", 8)),
+        )
+        save_model(
+            res.model,
+            out,
+            vocab.ids,
+            dataset=part.name,
+            train=tcfg.to_dict(),
+            attributes=res.attributes,
+        )
+    return load_model(out, device="cpu")
 
 
 def latency(
@@ -102,6 +166,12 @@ def main(
     max_loss: float = 0.02,
     curve_users: Annotated[int | None, typer.Option(help="users in the MMR curves")] = 4000,
     threads: int = 2,
+    heldout_steps: Annotated[
+        int, typer.Option(help="cross-fitted training cases per user (0 = none)")
+    ] = 0,
+    heldout_model: Annotated[
+        Path | None, typer.Option(help="cross-fitted encoder dir (default: <model>-heldout)")
+    ] = None,
 ) -> None:
     if dataset not in DATASETS:
         raise typer.BadParameter(
@@ -127,8 +197,24 @@ def main(
     rcfg = RerankTrainConfig(
         candidates=candidates, prefixes=prefixes, epochs=epochs, patience=patience
     )
+    heldout: LoggedCandidates | None = None
+    aux_dir = heldout_model or model_dir.with_name(model_dir.name + "-heldout")
+    if heldout_steps:
+        aux = heldout_encoder(encoder, split, aux_dir, cats)
+        heldout = heldout_candidates(
+            aux, split, encoder.vocab, steps=heldout_steps, candidates=candidates, seq_len=50
+        )
+        console.print(
+            f"{len(heldout)} cross-fitted cases, recall@{candidates} "
+            f"{float((heldout.target_pos >= 0).mean()):.3f}"
+        )
     result = train_reranker(
-        encoder, split, rcfg, model={"dim": dim, "layers": layers}, categories=cats
+        encoder,
+        split,
+        rcfg,
+        model={"dim": dim, "layers": layers},
+        categories=cats,
+        heldout=heldout,
     )
     version = save_reranker(result.reranker, model_dir, metrics={"valid": result.valid})
     console.print(f"reranker {version}: valid {result.valid}")
@@ -173,6 +259,11 @@ def main(
             "train_recall": result.train_recall,
             "train_seconds": result.seconds,
             "history": result.history,
+            "heldout_steps": heldout_steps,
+            "heldout_encoder": str(aux_dir) if heldout_steps else None,
+            "heldout_recall": (
+                float((heldout.target_pos >= 0).mean()) if heldout is not None else None
+            ),
         },
         "diversity_chosen_on_valid": weight,
         "valid": valid,
@@ -187,8 +278,10 @@ def main(
     console.print(
         {
             "retrieval": t["retrieval"],
+            "retrieval_filtered": t["retrieval_filtered"],
             "rerank": t["rerank"],
             "lift": t["lift"],
+            "lift_over_filtered": t["lift_over_filtered"],
             "at_diversity": t["at_diversity"],
             "latency": payload["latency_B256_C200"],
         }

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from serving.artifacts import LoadedEncoder, load_model, save_model
-from serving.data import Interactions, ItemVocab, UserHistory, leave_one_out
+from serving.data import EncodedLog, Interactions, ItemVocab, UserHistory, leave_one_out
 from serving.encoder import EncoderConfig, SequenceEncoder
 from serving.pipeline import Candidates, Pipeline, SlateRequest
 from serving.reranker import (
@@ -24,6 +24,7 @@ from serving.reranker import (
     RerankTrainConfig,
     TransformerReranker,
     check_inputs,
+    heldout_candidates,
     item_side,
     load_reranker,
     log_candidates,
@@ -189,6 +190,43 @@ def test_candidate_logging_and_cases(encoder: LoadedEncoder, tiny_log: Interacti
         log_candidates(encoder, log_, cases, candidates=31, seq_len=8)
     with pytest.raises(ValueError, match="prefixes >= 1"):
         training_cases(split, 0)
+
+
+def test_heldout_cases_map_to_the_serving_vocabulary(
+    encoder: LoadedEncoder, tiny_log: Interactions, tmp_path: Path
+) -> None:
+    """A cross-fitted encoder with its own (reversed, smaller) vocabulary: its candidates and
+    the history come back as the serving encoder's indices, and they train a reranker."""
+    split = leave_one_out(tiny_log)
+    torch.manual_seed(1)
+    aux_items = list(reversed(tiny_log.item_ids()))[:-3]  # never saw the first three
+    aux_model = SequenceEncoder(EncoderConfig(num_items=len(aux_items), dim=16, max_len=8))
+    save_model(aux_model.eval(), tmp_path / "aux", aux_items)
+    aux = load_model(tmp_path / "aux", device="cpu")
+    got = heldout_candidates(aux, split, encoder.vocab, steps=2, candidates=20, seq_len=8)
+    cases = [(u, c) for u, t in enumerate(split.train_cut) for c in range(max(1, t - 2), t)]
+    assert got.cand.shape == (len(cases), 20)
+    log_ = EncodedLog(tiny_log, encoder.vocab)
+    unseen = set(encoder.vocab.lookup(tiny_log.item_ids()[:3]).tolist())
+    for j, (u, cut) in enumerate(cases):
+        ids = [encoder.vocab.ids[i - 1] for i in got.cand[j]]
+        assert not unseen & set(got.cand[j].tolist())
+        assert set(ids) <= set(aux_items)
+        f = log_.prefix(u, cut, 8)
+        assert got.seq_items[j, 8 - len(f) :].tolist() == f.items.tolist()
+        target = int(log_.items[u][cut])
+        pos = int(got.target_pos[j])
+        assert (got.cand[j, pos] == target) if pos >= 0 else target not in got.cand[j]
+    only = train_reranker(encoder, split, replace(FAST, prefixes=0), model=SMALL, heldout=got)
+    assert only.train_cases == int((got.target_pos >= 0).sum())
+    both = train_reranker(encoder, split, FAST, model=SMALL, heldout=got)
+    assert both.train_cases > only.train_cases
+    with pytest.raises(ValueError, match="held-out steps >= 1"):
+        heldout_candidates(aux, split, encoder.vocab, steps=0, candidates=20, seq_len=8)
+    with pytest.raises(ValueError, match="held-out cases with 10 candidates"):
+        train_reranker(encoder, split, replace(FAST, candidates=10), model=SMALL, heldout=got)
+    with pytest.raises(ValueError, match="max_len=4 history steps"):
+        train_reranker(encoder, split, FAST, model={**SMALL, "max_len": 4}, heldout=got)
 
 
 def test_training_errors(encoder: LoadedEncoder, tiny_log: Interactions) -> None:

@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from serving.artifacts import LoadedEncoder, load_model, save_model
-from serving.data import Interactions, leave_one_out
+from serving.data import EncodedLog, EvalCase, Interactions, ItemVocab, leave_one_out
 from serving.encoder import EncoderConfig, SequenceEncoder
+from serving.evaluate import evaluate_split
 from serving.reranker import MISS, RerankTrainConfig, train_reranker
 from serving.slate_eval import (
     choose_diversity,
     evaluate_slates,
     mmr_slates,
     plot_tradeoff,
+    seen_mask,
     slate_metrics,
     slate_ranks,
     top_k,
@@ -102,6 +104,7 @@ def test_evaluate_slates_protocol(
     assert [r["diversity"] for r in rep["curve"]["rerank"]] == [0.0, 0.5, 1.0]
     assert rep["curve"]["rerank"][0]["NDCG@10"] == pytest.approx(rep["rerank"]["NDCG@10"])
     assert rep["diversity"] in (0.0, 0.5, 1.0)
+    assert set(rep["lift_over_filtered"]) == set(rep["rerank_filtered"])
     fixed = evaluate_slates(
         encoder, split, reranker=rr, candidates=20, grid=(0.0, 1.0), diversity=0.3
     )
@@ -129,3 +132,40 @@ def test_evaluate_slates_protocol(
     empty = leave_one_out(Interactions("e", tuple(u for u in tiny_log.users if len(u.items) < 3)))
     with pytest.raises(ValueError, match="expected test cases"):
         evaluate_slates(encoder, empty, stages="retrieval")
+
+
+def test_seen_mask_hand_computed(tiny_log: Interactions) -> None:
+    items = tiny_log.item_ids()
+    log_ = EncodedLog(tiny_log, ItemVocab(items))
+    hist = log_.items[1]  # user 1 has 9 distinct steps
+    cand = np.array([[hist[0], hist[2], hist[3], 0], [hist[1], hist[1], 0, hist[4]]])
+    cases = [EvalCase(1, 3), EvalCase(1, 2)]
+    got = seen_mask(cand, log_, cases)
+    assert got.tolist() == [[True, True, False, False], [True, True, False, False]]
+    with pytest.raises(ValueError, match="expected candidates"):
+        seen_mask(cand[:1], log_, cases)
+
+
+def test_filtered_rows_equal_history_excluded_full_ranking(
+    tmp_path: Path, tiny_log: Interactions
+) -> None:
+    """With every item a candidate (and a window covering whole histories), retrieval with the
+    seen filter is the full ranking with history excluded (no target repeats in the tiny log)."""
+    torch.manual_seed(0)
+    items = tiny_log.item_ids()
+    model = SequenceEncoder(EncoderConfig(num_items=len(items), dim=16, heads=2, max_len=16))
+    save_model(model.eval(), tmp_path / "m", items)
+    enc = load_model(tmp_path / "m", device="cpu")
+    split = leave_one_out(tiny_log)
+    rep = evaluate_slates(enc, split, stages="retrieval", candidates=len(items))
+    ex = evaluate_split(
+        enc.model,
+        split,
+        EncodedLog(split.data, enc.vocab),
+        "test",
+        max_len=16,
+        exclude_history=True,
+    )
+    assert rep["seen_share"] > 0
+    assert rep["retrieval_filtered"]["NDCG@10"] == pytest.approx(ex.metrics["NDCG@10"])
+    assert rep["retrieval_filtered"]["HR@10"] == pytest.approx(ex.metrics["HR@10"])
