@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from serving.data import Features, ItemVocab, gap_bucket, sequence_features
 from serving.encoder import EncoderConfig, Past, SequenceEncoder, collate
 from serving.train import resolve_device
-from serving.types import EVENT_TYPE_ID, Step
+from serving.types import EVENT_TYPE_ID, History, Step, step_items
 
 STAGE = "artifacts"
 WEIGHTS, CONFIG, ITEMS = "model.safetensors", "config.json", "items.json"
@@ -219,7 +219,15 @@ class LoadedEncoder:
     def features(self, history: Sequence[Step]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A history as ``(items, types, ts_ms)`` ``(n,) int64`` arrays (0 = unknown item)."""
         n = len(history)
-        items = np.fromiter((self.vocab.index.get(s.item, 0) for s in history), np.int64, n)
+        get = self.vocab.index.get
+        if isinstance(history, History):  # the worker's columns: no Step per entry
+            items = np.fromiter((get(i, 0) for i in history.items), np.int64, n)
+            return (
+                items,
+                np.array(history.type_ids, dtype=np.int64).reshape(n),
+                np.array(history.ts_ms, dtype=np.int64).reshape(n),
+            )
+        items = np.fromiter((get(s.item, 0) for s in history), np.int64, n)
         types = np.fromiter((EVENT_TYPE_ID.get(s.type, 0) for s in history), np.int64, n)
         ts = np.fromiter((s.ts_ms for s in history), np.int64, n)
         return items, types, ts
@@ -347,9 +355,11 @@ class LoadedEncoder:
             history = histories[b]
             out[b] = vec[r]
             last_ts = history[-1].ts_ms
-            for step in reversed(history):
-                if step.item in self.vocab.index:
-                    last_ts = step.ts_ms
+            vocab = self.vocab.index
+            items = step_items(history)
+            for j in range(len(items) - 1, -1, -1):
+                if items[j] in vocab:
+                    last_ts = history[j].ts_ms
                     break
             self.cache.put(
                 keys[b],

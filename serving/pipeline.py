@@ -29,7 +29,7 @@ from serving.catalog import Catalog, CatalogRows
 from serving.encoder import serving_window
 from serving.index import ItemIndex
 from serving.ordering import mmr
-from serving.types import CachingUserEncoder, Step, UserEncoder
+from serving.types import CachingUserEncoder, History, Step, UserEncoder, step_items
 
 StageCallback = Callable[[str, float], None]
 
@@ -114,8 +114,9 @@ class EncodeStage:
         self.encoder, self.index, self.fallback = encoder, index, fallback
 
     def __call__(self, requests: tuple[SlateRequest, ...]) -> Encoded:
+        contains = self.index.contains
         cold = np.array(
-            [not any(self.index.contains(s.item) for s in r.history) for r in requests], dtype=bool
+            [not any(map(contains, step_items(r.history))) for r in requests], dtype=bool
         )
         out = np.empty((len(requests), self.index.dim), dtype=np.float32)
         out[cold] = self.fallback
@@ -179,9 +180,14 @@ class FilterStage:
     def excluded_items(self, request: SlateRequest) -> list[str]:
         """Item ids this user must not be shown (see module doc)."""
         h = request.history
-        if self.filter_seen:
+        if isinstance(h, History):  # the worker's columns: no Step built per history entry
+            out = list(h.items) if self.filter_seen else h.purchased_items()
+        elif self.filter_seen:
             return [s.item for s in h]
-        out = [s.item for s in h if s.type == "purchase"]
+        else:
+            out = [s.item for s in h if s.type == "purchase"]
+        if self.filter_seen:
+            return out
         if self.exclude_trigger and h:
             out.append(h[-1].item)
         return out

@@ -169,10 +169,11 @@ def reference_sessions(
 
 
 def comparable(session: dict[str, Any] | None) -> dict[str, Any]:
-    """A stored session without the model-dependent part (the last slate)."""
-    data = dict(session or {})
+    """A session (stored JSON of any version, or ``to_json()``) in one comparable form, without
+    the model-dependent part (the last slate)."""
+    data = SessionState.from_json(session).to_json()
     data.pop("s", None)
-    return data
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
 # --- Accounting -------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def account(
     dlq_ids = outputs.dlq_event_ids()
     held: dict[str, set[str]] = {}
     for user, value in (sessions or {}).items():
-        held[user] = {f for f, _ in (value or {}).get("e", ())}
+        held[user] = set(SessionState.from_json(value).fingerprints)
     answered = twice = 0
     twice_ids: list[str] = []
     in_dlq = 0

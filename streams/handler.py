@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import random
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,7 +24,7 @@ import orjson
 from schemas.codec import DecodeError, Limits, dead_letter, decode_event
 from schemas.models import Event
 from serving.session import SessionState, event_fingerprint
-from serving.types import Step
+from serving.types import History
 from streamrec.metrics import SLATE_HIT_KS, Metrics
 
 
@@ -66,7 +65,7 @@ class Prepared:
     duplicates: int = 0
 
     @property
-    def histories(self) -> list[tuple[str, tuple[Step, ...], int]]:
+    def histories(self) -> list[tuple[str, History, int]]:
         """``(user_id, history, events ever)`` per user, as ``Recommender.recommend`` takes."""
         return [(u.user_id, u.state.history, u.state.events) for u in self.users.values()]
 
@@ -96,9 +95,15 @@ class SlateResult(Protocol):
 _ids = random.Random()
 
 
+#: Version and variant bits of a version 4 UUID (RFC 4122), as ``uuid.UUID(version=4)`` sets
+#: them: clear these, then set ``_UUID4_SET``.
+_UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_UUID4_SET = (0x8000 << 48) | (4 << 76)
+
+
 def _slate_id() -> str:
     """A random (version 4 layout) UUID as 32 hex digits, like ``uuid.uuid4().hex``."""
-    return uuid.UUID(int=_ids.getrandbits(128), version=4).hex
+    return f"{(_ids.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET:032x}"
 
 
 class EventBatchHandler:
@@ -122,6 +127,9 @@ class EventBatchHandler:
         self.dedupe_window_ms = dedupe_window_ms
         self.knows_item = knows_item
         self.clock_ms = clock_ms
+        # Labelled children resolved once: ``labels()`` takes a lock and builds a key per call.
+        self._consumed: dict[str, Any] = {}
+        self._hits = [(k, metrics.slate_hits.labels(k=str(k))) for k in SLATE_HIT_KS]
 
     def _reject(
         self, prepared: Prepared, msg: InMessage, code: str, detail: str, stage: str
@@ -153,6 +161,12 @@ class EventBatchHandler:
         transport handle (the store may need it to find the partition)."""
         prepared = Prepared()
         now_ms = self.clock_ms()
+        max_len, window_ms = self.max_len, self.dedupe_window_ms
+        users = prepared.users
+        # Online quality, counted once per batch: how many events met a last slate, and the
+        # rank each one's item had in it (0: absent).
+        evaluated = 0
+        ranks: list[int] = []
         for msg in batch:
             try:
                 event = decode_event(msg.value, msg.key, self.limits, now_ms)
@@ -169,35 +183,33 @@ class EventBatchHandler:
                     "validate",
                 )
                 continue
-            user = prepared.users.get(event.user_id)
-            state = user.state if user is not None else get_state(event.user_id, msg.ref)
+            user_id = event.user_id
+            user = users.get(user_id)
+            state = user.state if user is not None else get_state(user_id, msg.ref)
             fp = event_fingerprint(event.event_id)
-            if state.is_duplicate(event.event_id, event.ts, self.dedupe_window_ms, fp):
+            if state.is_duplicate(event.event_id, event.ts, window_ms, fp):
                 prepared.duplicates += 1
                 self.metrics.events_duplicate.inc()
                 continue
-            self._observe_quality(state, event.item_id)
-            step = Step(event.item_id, event.type.value, event.ts)
-            state = state.apply(event.event_id, step, self.max_len, fp)
+            # Online quality: was this item in the slate we last sent the user?
+            if state.last_slate:
+                evaluated += 1
+                ranks.append(state.slate_rank(event.item_id) or 0)
+            state = state.accept(fp, event.item_id, event.type.value, event.ts, max_len)
             if user is None:
-                user = prepared.users[event.user_id] = UserBatch(event.user_id, [], state, msg.ref)
-            user.events.append(event)
-            user.state = state
-            user.last_ref = msg.ref
+                user = users[user_id] = UserBatch(user_id, [event], state, msg.ref)
+            else:
+                user.events.append(event)
+                user.state = state
+                user.last_ref = msg.ref
             prepared.accepted += 1
+        if evaluated:
+            self.metrics.slates_evaluated.inc(evaluated)
+            for k, hits in self._hits:
+                n = sum(1 for r in ranks if 0 < r <= k)
+                if n:
+                    hits.inc(n)
         return prepared
-
-    def _observe_quality(self, state: SessionState, item_id: str) -> None:
-        """Online quality: was this item in the slate we last sent the user?"""
-        if not state.last_slate:
-            return
-        self.metrics.slates_evaluated.inc()
-        rank = state.slate_rank(item_id)
-        if rank is None:
-            return
-        for k in SLATE_HIT_KS:
-            if rank <= k:
-                self.metrics.slate_hits.labels(k=str(k)).inc()
 
     def finish(
         self,
@@ -248,11 +260,13 @@ class EventBatchHandler:
             return Finished([], writes, dlq, 0, 0)
 
         now_ms = self.clock_ms()
+        # Counted here, not in prepare: an event the pipeline failed on is a rejection
+        # (pipeline_error), so every message lands in exactly one counter.
+        consumed: dict[str, int] = {}
         for user, slate in zip(users, slates, strict=True):
-            # Counted here, not in prepare: an event the pipeline failed on is a rejection
-            # (pipeline_error), so every message lands in exactly one counter.
             for event in user.events:
-                self.metrics.events_consumed.labels(type=event.type.value).inc()
+                t = event.type.value
+                consumed[t] = consumed.get(t, 0) + 1
             state = user.state.with_slate(slate.item_ids)
             writes.append((user.user_id, state.to_json(), user.last_ref))
             trigger = user.events[-1]
@@ -285,6 +299,11 @@ class EventBatchHandler:
                 rec["coalesced_event_ids"] = others
             recs.append(OutMessage(user.user_id.encode(), orjson.dumps(rec)))
             self.metrics.end_to_end_latency.observe(max(0.0, (now_ms - trigger.ts) / 1000.0))
+        for t, n in consumed.items():
+            child = self._consumed.get(t)
+            if child is None:
+                child = self._consumed[t] = self.metrics.events_consumed.labels(type=t)
+            child.inc(n)
         self.metrics.recommendations_produced.inc(len(recs))
         if coalesced:
             self.metrics.recommendations_coalesced.inc(coalesced)

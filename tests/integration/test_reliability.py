@@ -22,6 +22,7 @@ import pytest
 from serving.artifacts import save_model
 from serving.data import leave_one_out, load_interactions
 from serving.encoder import EncoderConfig
+from serving.session import FORMAT_VERSION, SessionState
 from serving.synthetic import SyntheticShop, make_shop, write_jsonl
 from serving.train import TrainConfig, train_encoder
 from streamrec import chaos
@@ -473,8 +474,10 @@ def test_burst_drains_with_bounded_memory_and_state(
     assert len(sessions) == users
     for value in sessions.values():
         assert value is not None
-        assert value["n"] == n // users
-        assert len(value["h"]) == max_len
-        assert len(value["e"]) == n // users  # below the 128 kept for dedupe
+        assert value["v"] == FORMAT_VERSION
+        state = SessionState.from_json(value)
+        assert state.events == n // users
+        assert len(state.history) == max_len
+        assert len(state.fingerprints) == n // users  # below the 128 kept for dedupe
     # Bounded by design: max_len steps + 128 fingerprints + a slate, whatever the volume.
     assert max(sizes) < 12_000
