@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -302,13 +302,18 @@ class LoadedEncoder:
         index = self.vocab.index
         items, types, gaps = [], [], []
         prev = entry.last_ts
-        for step in steps:
-            i = index.get(step.item, 0)
+        rows: Iterable[tuple[str, int, int]] = (
+            zip(steps.items, steps.type_ids, steps.ts_ms, strict=True)
+            if isinstance(steps, History)
+            else ((s.item, EVENT_TYPE_ID.get(s.type, 0), s.ts_ms) for s in steps)
+        )
+        for item, type_id, ts in rows:
+            i = index.get(item, 0)
             if i:
                 items.append(i)
-                types.append(EVENT_TYPE_ID.get(step.type, 0))
-                gaps.append(gap_bucket(step.ts_ms - prev))
-                prev = step.ts_ms
+                types.append(type_id)
+                gaps.append(gap_bucket(ts - prev))
+                prev = ts
         return Features(*(np.array(x, dtype=np.int64) for x in (items, types, gaps)))
 
     @staticmethod
@@ -341,6 +346,7 @@ class LoadedEncoder:
         vec = vectors.float().cpu().numpy()
         new_kv = torch.stack([torch.stack(pair) for pair in own]).float().cpu().numpy()
         t_new = new_kv.shape[4]
+        vocab = self.vocab.index
         for r, (b, f, e) in enumerate(rows):
             k, start = len(f), known[r]
             if e is None:
@@ -354,8 +360,8 @@ class LoadedEncoder:
             buf[..., start : start + k, :] = new_kv[:, :, r, :, t_new - k :]
             history = histories[b]
             out[b] = vec[r]
-            last_ts = history[-1].ts_ms
-            vocab = self.vocab.index
+            last = history[-1]
+            last_ts = last.ts_ms
             items = step_items(history)
             for j in range(len(items) - 1, -1, -1):
                 if items[j] in vocab:
@@ -366,7 +372,7 @@ class LoadedEncoder:
                 _Cached(
                     steps=len(history),
                     first=history[0],
-                    last=history[-1],
+                    last=last,
                     known=start + k,
                     last_ts=last_ts,
                     kv=buf,

@@ -9,6 +9,7 @@ recommendations topic minus the event's ``ts``, which the replayer stamps at sen
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ def _one_run(
         time.sleep(1.0)
         base = collector.snapshot()
         base_metrics = scrape_metrics(worker.metrics_url)
+        pid = worker.proc.pid if worker.proc is not None else None
+        cpu0 = _cpu_seconds(pid)
         t0 = time.time()
         sent = produce_records(producer, s.topic_events, event_records(events))
         deadline = time.time() + 180
@@ -86,7 +89,11 @@ def _one_run(
             )
             if done >= sent:
                 break
-            time.sleep(0.2)
+            # Scrapes cost the worker CPU (the exposition holds the GIL): poll at 1 Hz; the
+            # figures come from slate arrival times, not from when this loop notices.
+            time.sleep(1.0)
+        cpu1 = _cpu_seconds(pid)
+        load = os.getloadavg()[0]
         time.sleep(1.0)
         got = collector.snapshot()
         metrics = scrape_metrics(worker.metrics_url)
@@ -104,6 +111,13 @@ def _one_run(
         "received": received,
         "seconds": round(seconds, 3),
         "events_per_s": round(sent / seconds, 1),
+        # Worker process CPU (user + system, all threads) per event over the replay: less
+        # sensitive than events/s to other load on a shared machine.
+        "worker_cpu_ms_per_event": (
+            round((cpu1 - cpu0) / sent * 1000, 4) if cpu0 is not None and cpu1 is not None else None
+        ),
+        # The machine's 1-minute load average at the end of the replay (shared machines).
+        "load_avg_1m": round(load, 2),
         "latency_ms": {
             "p50": float(np.percentile(arr, 50)),
             "p99": float(np.percentile(arr, 99)),
@@ -144,6 +158,19 @@ def _one_run(
         }
         result["stage_seconds_mean"] = _stage_means(metrics)
     return result
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``), else None."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _stage_means(metrics: dict[str, float]) -> dict[str, float]:
@@ -219,6 +246,11 @@ def run_stream_bench(
         "passthrough": ref,
         "full": full,
         "ratio_full_to_passthrough": round(full["events_per_s"] / ref["events_per_s"], 3),
+        "cpu_ratio_full_to_passthrough": (
+            round(full["worker_cpu_ms_per_event"] / ref["worker_cpu_ms_per_event"], 3)
+            if full["worker_cpu_ms_per_event"] and ref["worker_cpu_ms_per_event"]
+            else None
+        ),
         "sweep": runs,
         "accounting": {
             "ok": full["accounting"]["ok"] and all(r["accounting"]["ok"] for r in runs),
@@ -255,7 +287,6 @@ def run_stream_bench(
 
 
 def _machine() -> dict[str, Any]:
-    import os
     import platform
 
     return {"cpus": os.cpu_count(), "platform": platform.platform()}
