@@ -33,7 +33,7 @@ import numpy as np
 
 from serving.data import EncodedLog, EvalCase, LeaveOneOut
 from serving.evaluate import evaluate_split
-from serving.ordering import coverage, intra_list_diversity, mmr
+from serving.ordering import coverage, dpp, intra_list_diversity, mmr
 from serving.reranker import (
     MISS,
     EncoderLike,
@@ -45,6 +45,7 @@ from serving.reranker import (
 
 STAGE = "slate-eval"
 STAGES: tuple[str, ...] = ("retrieval", "rerank", "full")
+ORDERINGS: tuple[str, ...] = ("mmr", "dpp")
 #: MMR weights of the trade-off curve: dense where the slate changes most, sparse after.
 DIVERSITY_GRID: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
@@ -120,20 +121,41 @@ def mmr_slates(
     k: int,
     diversity: float,
     *,
+    categories: np.ndarray | None = None,
+    category_weight: float = 0.5,
+    ordering: str = "mmr",
     chunk: int = 1024,
 ) -> np.ndarray:
-    """``(U, k)`` MMR slates over ``cand (U, C)`` with relevance ``scores (U, C)``.
+    """``(U, k)`` MMR slates over ``cand (U, C)`` with relevance ``scores (U, C)``; with
+    ``ordering='dpp'`` greedy DPP slates (``serving.ordering.dpp``, vectors only) instead.
 
+    ``categories (N + 1, M)`` distinct category ids per item (-1 = none) make the similarity
+    the pipeline's blend of cosine and category Jaccard (``serving.ordering.mmr``).
     Chunked over users: ``mmr`` works in float64 on (U, C, D), which for every test user at
     once would need gigabytes.
     """
+    if ordering not in ORDERINGS:
+        raise ValueError(f"{STAGE}: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
+    if ordering == "dpp" and categories is not None:
+        raise ValueError(f"{STAGE}: expected no categories for ordering='dpp', got a table")
     if diversity == 0.0:
         return top_k(cand, scores, k)
     out = np.full((len(cand), k), -1, dtype=np.int64)
     vecs = np.asarray(item_vectors, dtype=np.float32)
     for start in range(0, len(cand), chunk):
         sl = slice(start, start + chunk)
-        picks = mmr(scores[sl], vecs[np.maximum(cand[sl], 0)], k, diversity)
+        rows = np.maximum(cand[sl], 0)
+        if ordering == "dpp":
+            picks = dpp(scores[sl], vecs[rows], k, diversity)
+        else:
+            picks = mmr(
+                scores[sl],
+                vecs[rows],
+                k,
+                diversity,
+                categories=categories[rows] if categories is not None else None,
+                category_weight=category_weight,
+            )
         got = np.take_along_axis(cand[sl], np.maximum(picks, 0), axis=1)
         out[sl] = np.where(picks >= 0, got, -1)
     return out
@@ -147,11 +169,23 @@ def tradeoff_curve(
     *,
     k: int = 10,
     grid: Sequence[float] = DIVERSITY_GRID,
+    categories: np.ndarray | None = None,
+    category_weight: float = 0.5,
+    ordering: str = "mmr",
 ) -> list[dict[str, float]]:
     """One metrics row per diversity weight: ``{"diversity", HR@k, NDCG@k, ILD@k, coverage@k}``."""
     rows = []
     for lam in grid:
-        slates = mmr_slates(cand, scores, item_vectors, k, float(lam))
+        slates = mmr_slates(
+            cand,
+            scores,
+            item_vectors,
+            k,
+            float(lam),
+            categories=categories,
+            category_weight=category_weight,
+            ordering=ordering,
+        )
         rows.append({"diversity": float(lam), **slate_metrics(slates, targets, item_vectors, k)})
     return rows
 
@@ -191,6 +225,8 @@ def evaluate_slates(
     retrieval_curve: bool = True,
     curve_users: int | None = None,
     seed: int = 0,
+    category_weight: float = 0.0,
+    ordering: str = "mmr",
 ) -> dict[str, Any]:
     """The slate report (JSON-ready) for ``which`` ('valid' or 'test') leave-one-out cases.
 
@@ -200,7 +236,10 @@ def evaluate_slates(
     ``retrieval_curve`` adds the curve of MMR over retrieval scores; ``curve_users`` computes
     the curves on a seeded random subset of that many users (MMR is the slow part; the
     headline rows always use every user, and the curve's relative changes compare rows of the
-    same subset).
+    same subset). ``category_weight > 0`` blends the category Jaccard of the reranker's item
+    categories into MMR's similarity, as the pipeline's order stage does with catalogue
+    categories; ILD is still measured on the encoder's vectors. ``ordering='dpp'`` builds the
+    curve with the greedy DPP instead of MMR (the weight is then the DPP's trade-off).
     """
     if stages not in STAGES:
         raise ValueError(f"{STAGE}: expected stages in {list(STAGES)}, got {stages!r}")
@@ -263,11 +302,35 @@ def evaluate_slates(
             sub = np.sort(np.random.default_rng(seed).choice(len(cases), curve_users, False))
         report["curve_users"] = len(sub)
         cand, tgt = logged.cand[sub], targets[sub]
-        curve = tradeoff_curve(cand, scores[sub], tgt, vectors, k=k, grid=grid)
+        cats = None
+        if category_weight > 0:
+            table = reranker.net.item_categories.cpu().numpy()
+            cats = np.where(table > 0, table, -1)
+        report["category_weight"] = category_weight
+        report["ordering"] = ordering
+        curve = tradeoff_curve(
+            cand,
+            scores[sub],
+            tgt,
+            vectors,
+            k=k,
+            grid=grid,
+            categories=cats,
+            category_weight=category_weight,
+            ordering=ordering,
+        )
         report["curve"] = {"rerank": curve}
         if retrieval_curve:
             report["curve"]["retrieval"] = tradeoff_curve(
-                cand, logged.retrieval[sub], tgt, vectors, k=k, grid=grid
+                cand,
+                logged.retrieval[sub],
+                tgt,
+                vectors,
+                k=k,
+                grid=grid,
+                categories=cats,
+                category_weight=category_weight,
+                ordering=ordering,
             )
         if diversity is None:
             chosen = choose_diversity(curve, max_loss=max_loss, k=k)

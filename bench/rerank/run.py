@@ -169,6 +169,12 @@ def main(
     heldout_steps: Annotated[
         int, typer.Option(help="cross-fitted training cases per user (0 = none)")
     ] = 0,
+    category_weight: Annotated[
+        float, typer.Option(help="category Jaccard share of MMR's similarity (0 = vectors)")
+    ] = 0.0,
+    ordering: Annotated[str, typer.Option(help="mmr | dpp: the diversity curve's ordering")] = (
+        "mmr"
+    ),
     heldout_model: Annotated[
         Path | None, typer.Option(help="cross-fitted encoder dir (default: <model>-heldout)")
     ] = None,
@@ -227,6 +233,8 @@ def main(
         max_loss=max_loss,
         retrieval_curve=False,
         curve_users=curve_users,
+        category_weight=category_weight,
+        ordering=ordering,
     )
     weight = float(valid["diversity"])
     test = evaluate_slates(
@@ -237,6 +245,8 @@ def main(
         candidates=candidates,
         diversity=weight,
         curve_users=curve_users,
+        category_weight=category_weight,
+        ordering=ordering,
     )
     hist = [
         [Step(it, t, 0) for it, t in zip(u.items, u.types, strict=True)][-50:]

@@ -1,11 +1,18 @@
-"""MMR: the batched fast path against the pure-Python reference; evaluation helpers."""
+"""MMR and greedy DPP: the batched fast paths against their references; evaluation helpers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from serving.ordering import coverage, intra_list_diversity, mmr, mmr_reference
+from serving.ordering import (
+    coverage,
+    dpp,
+    dpp_reference,
+    intra_list_diversity,
+    mmr,
+    mmr_reference,
+)
 
 
 def case(seed: int, b: int = 6, c: int = 40, d: int = 8, m: int = 3):
@@ -38,6 +45,27 @@ def test_mmr_matches_reference(diversity: float, with_categories: bool) -> None:
             category_weight=0.4,
         )
         assert fast.tolist() == slow
+
+
+@pytest.mark.parametrize("diversity", [0.0, 0.05, 0.3, 0.7, 1.0])
+def test_dpp_matches_reference(diversity: float) -> None:
+    for seed in range(3):
+        rel, vec, _ = case(seed, c=15, d=4)
+        vec[1, 3] = vec[1, 2]  # a duplicate: its gain drops to 0 once its twin is picked
+        vec[2] = vec[2] * np.abs(vec[2, :, :1])  # vectors of different norms (cosine only)
+        fast = dpp(rel, vec, 10, diversity)
+        assert fast.tolist() == dpp_reference(rel.tolist(), vec.tolist(), 10, diversity)
+
+
+def test_dpp_spreads_clusters_and_falls_back_to_relevance() -> None:
+    vec = np.array([[[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3])
+    rel = np.array([[6, 5, 4, 3, 2, 1]], dtype=float)
+    assert dpp(rel, vec, 3, 0.0).tolist() == [[0, 1, 2]]
+    # Two directions span the space: after one of each, the rest follow by relevance.
+    assert dpp(rel, vec, 4, 0.5).tolist() == [[0, 3, 1, 2]]
+    assert dpp(np.zeros((0, 3)), np.zeros((0, 3, 2)), 2, 0.5).shape == (0, 2)
+    short = dpp(np.array([[1.0, -np.inf]]), np.ones((1, 2, 2)), 3, 0.5)
+    assert short.tolist() == [[0, -1, -1]]
 
 
 def test_zero_diversity_is_relevance_order() -> None:
@@ -80,6 +108,7 @@ def test_helpers() -> None:
             lambda: mmr(np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, 0.5, categories=np.zeros((1, 3))),
             r"categories \(B, C, M\)",
         ),
+        (lambda: dpp(np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, -0.1), r"diversity in \[0, 1\]"),
         (lambda: intra_list_diversity(np.zeros(3)), r"\(S, D\) or \(B, S, D\)"),
         (lambda: coverage([["a"]], 0), "n_items > 0"),
     ],

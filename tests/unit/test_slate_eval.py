@@ -63,6 +63,15 @@ def test_top_k_and_mmr_slates() -> None:
     assert mmr_slates(cand, scores, VECS, 2, 0.0).tolist() == [[1, 2]]
     # With diversity, item 2 (a duplicate direction of item 1) loses to item 3.
     assert mmr_slates(cand, scores, VECS, 2, 0.6).tolist() == [[1, 3]]
+    # Similarity by category alone: 1 and 3 share category 7, so now item 2 wins.
+    cats = np.array([[-1], [7], [8], [7], [9]])
+    got = mmr_slates(cand, scores, VECS, 2, 0.6, categories=cats, category_weight=1.0)
+    assert got.tolist() == [[1, 2]]
+    assert mmr_slates(cand, scores, VECS, 2, 0.6, ordering="dpp").tolist() == [[1, 3]]
+    with pytest.raises(ValueError, match="expected ordering in"):
+        mmr_slates(cand, scores, VECS, 2, 0.6, ordering="bogus")
+    with pytest.raises(ValueError, match="no categories for ordering='dpp'"):
+        mmr_slates(cand, scores, VECS, 2, 0.6, categories=cats, ordering="dpp")
 
 
 def test_choose_diversity() -> None:
@@ -105,6 +114,7 @@ def test_evaluate_slates_protocol(
     assert rep["curve"]["rerank"][0]["NDCG@10"] == pytest.approx(rep["rerank"]["NDCG@10"])
     assert rep["diversity"] in (0.0, 0.5, 1.0)
     assert set(rep["lift_over_filtered"]) == set(rep["rerank_filtered"])
+    assert rep["category_weight"] == 0.0
     fixed = evaluate_slates(
         encoder, split, reranker=rr, candidates=20, grid=(0.0, 1.0), diversity=0.3
     )
@@ -118,8 +128,10 @@ def test_evaluate_slates_protocol(
         grid=(0.0,),
         curve_users=10,
         retrieval_curve=False,
+        category_weight=0.5,
     )
     assert sub["curve_users"] == 10
+    assert sub["category_weight"] == 0.5
     assert set(sub["curve"]) == {"rerank"}
     assert sub["users"] == len(split.test)  # headline rows still use every user
     with pytest.raises(ValueError, match="expected stages in"):
