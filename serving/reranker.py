@@ -718,6 +718,9 @@ class RerankTrainConfig:
     weight_decay: float = 1e-4
     patience: int = 3  # epochs without a better validation NDCG@10
     action_weight: float = 0.2  # weight of the next-action losses
+    # Drop candidates already in the input history from every training and validation case,
+    # for a pipeline that filters them (``filter_seen``) before it reranks.
+    filter_seen: bool = False
     seed: int = 42
     progress: bool = False
 
@@ -883,6 +886,18 @@ def heldout_candidates(
     return replace(got, cand=to_main[got.cand], seq_items=seq_items, seq_types=seq_types)
 
 
+def without_seen(logged: LoggedCandidates) -> LoggedCandidates:
+    """``logged`` with every candidate found in the case's history window marked invalid (0);
+    a target among them is no longer retrieved (``target_pos = -1``)."""
+    seq = np.where(logged.seq_items > 0, logged.seq_items, -1)
+    seen = (logged.cand[:, :, None] == seq[:, None, :]).any(axis=2)
+    pos = logged.target_pos
+    hit_seen = (pos >= 0) & seen[np.arange(len(pos)), np.maximum(pos, 0)]
+    return replace(
+        logged, cand=np.where(seen, 0, logged.cand), target_pos=np.where(hit_seen, -1, pos)
+    )
+
+
 def training_cases(split: LeaveOneOut, prefixes: int) -> list[tuple[int, int]]:
     """The newest ``prefixes`` positions of each user's training part as (user, cut) cases."""
     if prefixes < 1:
@@ -1023,6 +1038,8 @@ def train_reranker(
         seq_len=rcfg.max_len,
         horizon=rcfg.purchase_horizon,
     )
+    if cfg.filter_seen:
+        train, valid = without_seen(train), without_seen(valid)
     listwise = np.flatnonzero(train.target_pos >= 0)
     if not len(listwise):
         raise ValueError(

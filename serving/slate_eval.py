@@ -8,7 +8,8 @@ Protocol (leave-one-out, the split ``serving.evaluate`` uses):
 - ``retrieval``: the top-k by retrieval score (equals the full ranking's top-k whenever C >= k).
 - ``rerank``: the top-k by the reranker's score.
 - ``retrieval_filtered`` / ``rerank_filtered``: the same after dropping every candidate the
-  user already has in the input history (the pipeline's ``filter_seen``). On logs without
+  user already has in the input history (the pipeline's ``filter_seen``; as in the pipeline,
+  the reranker then scores only the candidates left). On logs without
   repeat consumption (MovieLens ratings) a seen item is never the target, so most of what a
   reranker gains over raw retrieval there may be this filter; ``lift_over_filtered`` compares
   ``rerank`` with ``retrieval_filtered`` to tell the two apart.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -288,8 +290,10 @@ def evaluate_slates(
     scores = score_logged(reranker.net, logged)
     report["rerank_seconds"] = round(time.perf_counter() - t0, 2)
     report["rerank"] = slate_metrics(top_k(logged.cand, scores, k), targets, vectors, k)
+    # The pipeline filters before it reranks: the reranker scores only the unseen candidates.
+    unseen = replace(logged, cand=np.where(seen, 0, logged.cand))
     report["rerank_filtered"] = slate_metrics(
-        top_k(logged.cand, np.where(seen, -np.inf, scores), k), targets, vectors, k
+        top_k(logged.cand, score_logged(reranker.net, unseen), k), targets, vectors, k
     )
     for key, base in (("lift", "retrieval"), ("lift_over_filtered", "retrieval_filtered")):
         report[key] = {

@@ -161,6 +161,7 @@ def main(
     patience: int = 3,
     dim: int = 32,
     layers: int = 1,
+    max_len: Annotated[int, typer.Option(help="history steps the reranker reads")] = 50,
     enc_epochs: int = 12,
     enc_negatives: Annotated[int, typer.Option(help="0 = full softmax")] = 256,
     max_loss: float = 0.02,
@@ -208,7 +209,7 @@ def main(
     if heldout_steps:
         aux = heldout_encoder(encoder, split, aux_dir, cats)
         heldout = heldout_candidates(
-            aux, split, encoder.vocab, steps=heldout_steps, candidates=candidates, seq_len=50
+            aux, split, encoder.vocab, steps=heldout_steps, candidates=candidates, seq_len=max_len
         )
         console.print(
             f"{len(heldout)} cross-fitted cases, recall@{candidates} "
@@ -218,7 +219,7 @@ def main(
         encoder,
         split,
         rcfg,
-        model={"dim": dim, "layers": layers},
+        model={"dim": dim, "layers": layers, "max_len": max_len},
         categories=cats,
         heldout=heldout,
     )

@@ -17,6 +17,7 @@ from serving.encoder import EncoderConfig, SequenceEncoder
 from serving.pipeline import Candidates, Pipeline, SlateRequest
 from serving.reranker import (
     ItemSide,
+    LoggedCandidates,
     RerankerConfig,
     RerankerError,
     RerankerNet,
@@ -31,6 +32,7 @@ from serving.reranker import (
     save_reranker,
     train_reranker,
     training_cases,
+    without_seen,
 )
 from serving.types import EVENT_TYPES, Step
 
@@ -221,12 +223,29 @@ def test_heldout_cases_map_to_the_serving_vocabulary(
     assert only.train_cases == int((got.target_pos >= 0).sum())
     both = train_reranker(encoder, split, FAST, model=SMALL, heldout=got)
     assert both.train_cases > only.train_cases
+    unseen = train_reranker(encoder, split, replace(FAST, filter_seen=True), model=SMALL)
+    assert unseen.train_cases <= train_reranker(encoder, split, FAST, model=SMALL).train_cases
     with pytest.raises(ValueError, match="held-out steps >= 1"):
         heldout_candidates(aux, split, encoder.vocab, steps=0, candidates=20, seq_len=8)
     with pytest.raises(ValueError, match="held-out cases with 10 candidates"):
         train_reranker(encoder, split, replace(FAST, candidates=10), model=SMALL, heldout=got)
     with pytest.raises(ValueError, match="max_len=4 history steps"):
         train_reranker(encoder, split, FAST, model={**SMALL, "max_len": 4}, heldout=got)
+
+
+def test_without_seen_drops_history_items() -> None:
+    logged = LoggedCandidates(
+        seq_items=np.array([[0, 3, 5], [0, 0, 2]]),
+        seq_types=np.ones((2, 3), np.int64),
+        cand=np.array([[5, 1, 3, 0], [2, 4, 6, 7]]),
+        retrieval=np.zeros((2, 4), np.float32),
+        target_pos=np.array([1, 0]),
+        next_type=np.zeros(2, np.int64),
+        purchase=np.zeros(2, np.float32),
+    )
+    got = without_seen(logged)
+    assert got.cand.tolist() == [[0, 1, 0, 0], [0, 4, 6, 7]]
+    assert got.target_pos.tolist() == [1, -1]  # the second target was a history item
 
 
 def test_training_errors(encoder: LoadedEncoder, tiny_log: Interactions) -> None:
