@@ -162,6 +162,9 @@ def main(
     dim: int = 32,
     layers: int = 1,
     max_len: Annotated[int, typer.Option(help="history steps the reranker reads")] = 50,
+    filter_seen: Annotated[
+        bool, typer.Option(help="train on candidates minus the history window's items")
+    ] = False,
     enc_epochs: int = 12,
     enc_negatives: Annotated[int, typer.Option(help="0 = full softmax")] = 256,
     max_loss: float = 0.02,
@@ -202,7 +205,11 @@ def main(
     encoder = load_model(model_dir, device="cpu")
     cats = item_categories(dataset, data_root)
     rcfg = RerankTrainConfig(
-        candidates=candidates, prefixes=prefixes, epochs=epochs, patience=patience
+        candidates=candidates,
+        prefixes=prefixes,
+        epochs=epochs,
+        patience=patience,
+        filter_seen=filter_seen,
     )
     heldout: LoggedCandidates | None = None
     aux_dir = heldout_model or model_dir.with_name(model_dir.name + "-heldout")
