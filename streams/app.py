@@ -60,6 +60,9 @@ class StreamWorker:
         self.metrics = metrics
         self.passthrough = passthrough
         self.exactly_once = settings.processing_guarantee == "exactly_once"
+        #: Exactly-once: held while a batch is processed and by every offset commit, so a
+        #: transaction never commits half a batch (see ``_guard_commits``).
+        self._batch_lock = asyncio.Lock()
         self.feeds: list[Any] = []
         # One thread for model work: batches are processed in order, and the event loop
         # stays free to heartbeat and fetch while torch/faiss run.
@@ -116,8 +119,17 @@ class StreamWorker:
             # take_events (not take): the batch keeps each message's topic/partition/offset
             # for the DLQ and the event to route table writes by.
             batches = stream.take_events(s.batch_size, within=s.batch_within_s)  # type: ignore[attr-defined]
+            if not self.exactly_once:
+                async for batch in batches:
+                    await handle(batch)
+                return
+            self._guard_commits(app.consumer)
             async for batch in batches:
-                await handle(batch)
+                # take_events acks the batch's events right after this body returns, before
+                # its next suspension point (Stream.ack never awaits), so a commit waiting on
+                # the lock sees the batch's outputs, changelog writes and offsets together.
+                async with self._batch_lock:
+                    await handle(batch)
 
         app.agent(events, name="streamrec.events")(process)
 
@@ -153,7 +165,8 @@ class StreamWorker:
     async def forward_batch(self, batch: list[EventT]) -> None:
         self.metrics.batch_size.observe(len(batch))
         await self._send_all(
-            self.recs_topic, [OutMessage(ev.message.key, ev.message.value or b"") for ev in batch]
+            self.recs_topic,
+            [OutMessage(ev.message.key, ev.message.value or b"", ev) for ev in batch],
         )
         self.metrics.recommendations_produced.inc(len(batch))
 
@@ -198,16 +211,91 @@ class StreamWorker:
         # trigger_event_id), rather than taken for duplicates that never got a slate.
         await self._send_all(self.dlq_topic, finished.dead_letters)
         await self._send_all(self.recs_topic, finished.recommendations)
+        if self.exactly_once:
+            await self._write_sessions_in_transaction(finished.session_writes)
+            return
         for user_id, state, ref in finished.session_writes:
             _use_event(ref)
             self.sessions[user_id] = state
 
+    # --- exactly-once ------------------------------------------------------------------------
+    # faust-streaming 0.15 keeps one transactional producer per consumed partition and commits
+    # each partition's offsets in its transaction on a timer. Left to itself it (1) commits at
+    # any await of a batch, so a transaction can hold part of a batch's outputs without its
+    # offsets; (2) routes a send to the transaction of the *output* partition, which is not
+    # the consumed one unless the producer of the events hashed keys like aiokafka does;
+    # (3) leaves table changelog writes in a buffer (send_soon) that reaches the producer
+    # after the offsets are committed. The three methods below close each gap:
+    # docs/reliability.md, "Exactly-once".
+
+    def _guard_commits(self, consumer: Any) -> None:
+        """Make every offset commit wait for the batch in progress to finish."""
+        if getattr(consumer, "_streamrec_guarded", False):
+            return
+        commit = consumer.commit
+        lock = self._batch_lock
+
+        async def guarded_commit(topics: Any = None, start_new_transaction: bool = True) -> bool:
+            async with lock:
+                return bool(await commit(topics, start_new_transaction=start_new_transaction))
+
+        # Every commit path (the commit timer, commit_every, rebalances, shutdown) calls
+        # ``self.commit``, so an instance attribute covers them all.
+        consumer.commit = guarded_commit
+        consumer._streamrec_guarded = True
+
+    async def _send_in_transaction(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        ref: Any,
+        partition: int | None = None,
+    ) -> None:
+        """Hand one record to the transactional producer of ``ref``'s consumed partition.
+
+        aiokafka flushes a producer's pending records before it commits the transaction, so
+        a record handed over here is in the same transaction as the offset of ``ref``.
+        """
+        tp = ref.message.tp
+        group = self.app.assignor.group_for_topic(tp.topic)
+        await self.app.producer.send(
+            topic,
+            key,
+            value,
+            partition,
+            None,
+            None,
+            transactional_id=f"{self.app.conf.id}-{group}-{tp.partition}",
+        )
+
+    async def _write_sessions_in_transaction(
+        self, writes: Sequence[tuple[str, dict[str, Any], Any]]
+    ) -> None:
+        """Update the session table and send its changelog records into the transaction.
+
+        What ``table[key] = value`` does, minus its send_soon buffer: the local store is
+        written, and the changelog record goes to the partition (and transaction) of the
+        event that changed it.
+        """
+        table = self.sessions
+        changelog = table.changelog_topic
+        name = changelog.get_topic_name()
+        for user_id, state, ref in writes:
+            _use_event(ref)  # the RocksDB store writes to the current event's partition
+            table.data[user_id] = state
+            key, _ = changelog.prepare_key(user_id, None)
+            value, _ = changelog.prepare_value(state, None)
+            await self._send_in_transaction(name, key, value, ref, ref.message.partition)
+
     async def _send_all(self, topic: faust.TopicT, messages: list[OutMessage]) -> None:
         if self.exactly_once:
-            # Faust's transaction manager routes each send to the transaction of the output
-            # partition; send_soon would bypass it through the plain producer's buffer.
+            name = topic.get_topic_name()
             for m in messages:
-                await topic.send(key=m.key, value=m.value)
+                if m.ref is None:  # not tied to a consumed event (passthrough only)
+                    await topic.send(key=m.key, value=m.value)
+                else:
+                    await self._send_in_transaction(name, m.key, m.value, m.ref)
             return
         # send_soon appends to the producer buffer without a round trip per message; the
         # buffer is flushed before offsets are committed, so at-least-once still holds.

@@ -44,6 +44,9 @@ class InMessage:
 class OutMessage:
     key: bytes | None
     value: bytes
+    #: The consumed event this message answers (its Faust event): under exactly-once the
+    #: message joins the transaction of that event's partition.
+    ref: Any = None
 
 
 @dataclass
@@ -147,6 +150,7 @@ class EventBatchHandler:
                     stage=stage,
                     now_ms=self.clock_ms(),
                 ),
+                msg.ref,
             )
         )
         prepared.rejected += 1
@@ -254,6 +258,7 @@ class EventBatchHandler:
                                 stage="recommend",
                                 now_ms=self.clock_ms(),
                             ),
+                            user.last_ref,
                         )
                     )
                     self.metrics.events_rejected.labels(reason="pipeline_error").inc()
@@ -297,7 +302,7 @@ class EventBatchHandler:
             }
             if others:
                 rec["coalesced_event_ids"] = others
-            recs.append(OutMessage(user.user_id.encode(), orjson.dumps(rec)))
+            recs.append(OutMessage(user.user_id.encode(), orjson.dumps(rec), user.last_ref))
             self.metrics.end_to_end_latency.observe(max(0.0, (now_ms - trigger.ts) / 1000.0))
         for t, n in consumed.items():
             child = self._consumed.get(t)

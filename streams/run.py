@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import faust
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
@@ -58,6 +60,34 @@ def build_worker(
     return worker
 
 
+#: Written into the data dir when a worker stops cleanly; removed when one starts.
+CLEAN_STOP_MARK = "clean-stop"
+
+
+def discard_unclean_table_state(settings: Settings, tabledir: Path) -> bool:
+    """Exactly-once: drop the local table store unless the last worker here stopped cleanly.
+
+    The local store (RocksDB) is written as a batch is processed, before its transaction
+    commits. After a crash it can hold session writes of an aborted transaction, whose
+    events are then redelivered and taken for duplicates: their slates lost. Kafka Streams
+    wipes its local state after an unclean stop under exactly-once; so do we, and the table
+    is rebuilt from the changelog, read committed. Returns True when something was dropped.
+    """
+    mark = settings.data_dir / CLEAN_STOP_MARK
+    clean = mark.exists()
+    mark.unlink(missing_ok=True)
+    if settings.processing_guarantee != "exactly_once" or clean or not tabledir.exists():
+        return False
+    log.warning(
+        "exactly-once: the last worker on %s did not stop cleanly; dropping its local table "
+        "state (%s), to be rebuilt from the changelog",
+        settings.data_dir,
+        tabledir,
+    )
+    shutil.rmtree(tabledir)
+    return True
+
+
 def run_worker(settings: Settings, passthrough: bool = False) -> None:
     """Run a worker until SIGINT/SIGTERM."""
     logging.basicConfig(
@@ -78,6 +108,7 @@ def run_worker(settings: Settings, passthrough: bool = False) -> None:
             worker.recommender.model_version,
             worker.recommender.index_size,
         )
+    discard_unclean_table_state(settings, Path(worker.app.conf.tabledir))
     for feed in worker.feeds:
         feed.start()
     try:
@@ -87,6 +118,12 @@ def run_worker(settings: Settings, passthrough: bool = False) -> None:
             quiet=True,
             redirect_stdouts=False,
         ).execute_from_commandline()
+    except SystemExit as exc:
+        # mode exits 0 after a signal-driven stop; a crashed app (``_crashed``, mode's only
+        # record of it) may have left uncommitted writes in the local store.
+        if exc.code in (0, None) and not worker.app._crashed.is_set():
+            (settings.data_dir / CLEAN_STOP_MARK).touch()
+        raise
     finally:
         for feed in worker.feeds:
             feed.stop()

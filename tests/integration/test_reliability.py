@@ -182,10 +182,7 @@ def test_sigkill_mid_replay_loses_nothing(
     s = new_settings(store="rocksdb://", processing_guarantee=guarantee)
     isolation = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
     events = _by_ts(big_shop.events)
-    if guarantee == "exactly_once":
-        events = events[:6_000]  # a shorter replay: the finding does not need more
-    else:
-        assert len(events) >= 20_000
+    assert len(events) >= 20_000
     w1 = WorkerProcess(s, s.data_dir.parent / "w1.log").start()
     try:
         producer = _produce_in_background(s, _encoded(events))
@@ -221,17 +218,11 @@ def test_sigkill_mid_replay_loses_nothing(
     )
     assert w1_handled + w2_handled >= len(events)
     assert acct.in_dlq == 0
-    if guarantee == "exactly_once" and (acct.missing or differ or acct.answered_twice):
-        # faust-streaming 0.15.3: under exactly_once, Consumer._commit_offsets commits the
-        # offsets in a transaction without flushing the ProducerBuffer that send_soon (our
-        # slates, Faust's own changelog writes) fills, and its commit timer can commit in the
-        # middle of a batch; a crash then loses events (or, with the buffer flushed per batch,
-        # answers a batch twice). See docs/reliability.md, "Findings".
-        pytest.xfail(
-            f"exactly_once with faust-streaming 0.15.3 after a SIGKILL: "
-            f"{len(acct.missing)} events lost, {len(acct.answered_twice)} answered twice "
-            f"under read_committed, {len(differ)} sessions differ from the reference"
-        )
+    if guarantee == "exactly_once":
+        # Outputs, changelog writes and offsets commit together: under read_committed no
+        # event is answered twice, and none is held in a session without its slate.
+        assert acct.answered_twice == []
+        assert acct.held_as_duplicate == []
     # A session write that reached the changelog before the slate did is redelivered as a
     # duplicate: accounted for by the session, and counted by the second worker.
     assert len(acct.held_as_duplicate) <= w2_dupes
