@@ -16,6 +16,7 @@ from typing import Any
 import faust
 from faust.streams import _current_event
 from faust.types import EventT
+from mode.types.signals import BaseSignalT
 
 from schemas.codec import Limits
 from serving.service import Recommender
@@ -132,6 +133,7 @@ class StreamWorker:
                     await handle(batch)
 
         app.agent(events, name="streamrec.events")(process)
+        app.on_rebalance_complete.connect(self._hold_flow_until_seek)
 
         async def refresh_gauges() -> None:
             self.metrics.session_users.set(len(self.sessions))
@@ -141,6 +143,22 @@ class StreamWorker:
 
         app.timer(2.0)(refresh_gauges)
         return app
+
+    async def _hold_flow_until_seek(
+        self, sender: Any, /, *_: Any, signal: BaseSignalT[Any], **__: Any
+    ) -> None:
+        """Deliver no event between a rebalance's recovery and the seek to committed offsets.
+
+        faust-streaming 0.15 sends ``on_rebalance_complete``, then resumes the events
+        partitions while the fetcher is still running (it was resumed to read the
+        changelogs), and only then awaits the seek to the committed offsets. Records fetched
+        in that window reach the agent, are acked and may be committed; the seek then puts
+        the committed offset back, and the partition is left with a hole in its acks that no
+        commit ever crosses: it stalls with lag > 0 (and under exactly-once its transaction
+        never commits). Stopping the fetch flow here makes the fetcher wait; Faust resumes it
+        itself once the seek is done.
+        """
+        self.app.consumer.stop_flow()
 
     def _update_lag(self, app: faust.App) -> None:
         consumer = app.consumer
