@@ -1,10 +1,14 @@
-"""After a rebalance, no event reaches the agent before the seek to the committed offsets.
+"""Worker ordering against Faust: no event before the seek; no changelog before the slates.
 
 faust-streaming resumes the events partitions with the fetcher running and awaits the seek
 only afterwards; records delivered in between leave a hole in the acks that no commit
 crosses (a partition stalled with lag > 0). The worker stops the fetch flow on
 ``on_rebalance_complete``; this drives Faust's own ``Recovery.on_recovery_completed`` and
 records whether the flow was open at each step.
+
+At-least-once, a batch's session changelog records wait until the broker has its slates
+(else a crash between the two leaves events held in a session with no slate), keep their
+order across batches, and every offset commit waits for them.
 """
 
 from __future__ import annotations
@@ -72,3 +76,50 @@ def test_events_partitions_resume_and_seek_with_the_flow_stopped(tmp_path: Any) 
         ], guarantee
         # ... and Faust opens the flow again once the seek is done.
         assert flow_after is True
+
+
+class _Ref:
+    """What the worker keeps of a consumed event: its message (for the partition)."""
+
+    def __init__(self, partition: int) -> None:
+        self.message = mock.Mock(partition=partition)
+
+
+def test_at_least_once_sends_the_changelog_only_after_the_slates_and_in_order(
+    tmp_path: Any,
+) -> None:
+    worker = _worker(tmp_path, "at_least_once")
+    sent: list[tuple[int, str, Any]] = []
+    inner_commits: list[bool] = []
+
+    async def inner_commit(topics: Any = None, start_new_transaction: bool = True) -> bool:
+        # What the commit would find in the producer buffer when it computes the offsets.
+        inner_commits.append(len(sent) == 2)
+        return True
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        consumer = worker.app.consumer
+        consumer.commit = inner_commit
+        worker._guard_commits(consumer)
+        ref = _Ref(partition=3)
+        first, second = loop.create_future(), loop.create_future()
+        with mock.patch.object(
+            worker.sessions, "send_changelog", side_effect=lambda *a: sent.append(a)
+        ):
+            worker._write_sessions_after([first], [("u1", {"n": 1}, ref)])
+            worker._write_sessions_after([second], [("u1", {"n": 2}, ref)])
+            # The local store has the newest state at once: the next batch reads it.
+            assert worker.sessions.data["u1"] == {"n": 2}
+            commit = asyncio.ensure_future(consumer.commit())
+            second.set_result(None)  # the later batch's slates are on the broker first ...
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert sent == []  # ... but nothing goes to the changelog before the first's
+            assert inner_commits == []  # and no offset is committed meanwhile
+            first.set_exception(RuntimeError("broker said no"))  # a failed slate: state kept
+            assert await commit is True
+        assert sent == [(3, "u1", {"n": 1}), (3, "u1", {"n": 2})]
+        assert inner_commits == [True]
+
+    asyncio.run(run())
