@@ -227,9 +227,10 @@ class StreamWorker:
             index_version=self.recommender.index_version,
             error=error,
         )
-        # Outputs first, session writes (changelog) after: if the worker dies in between, the
-        # redelivered events find no record of themselves and are answered again (a repeated
-        # trigger_event_id), rather than taken for duplicates that never got a slate.
+        # Outputs first, session changelog after (at-least-once: after the broker has the
+        # slates): if the worker dies in between, the redelivered events find no record of
+        # themselves and are answered again (a repeated trigger_event_id), rather than taken
+        # for duplicates that never got a slate.
         await self._send_all(self.dlq_topic, finished.dead_letters)
         if self.exactly_once:
             await self._send_all(self.recs_topic, finished.recommendations)

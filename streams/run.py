@@ -65,22 +65,25 @@ CLEAN_STOP_MARK = "clean-stop"
 
 
 def discard_unclean_table_state(settings: Settings, tabledir: Path) -> bool:
-    """Exactly-once: drop the local table store unless the last worker here stopped cleanly.
+    """Drop the local table store unless the last worker here stopped cleanly.
 
-    The local store (RocksDB) is written as a batch is processed, before its transaction
-    commits. After a crash it can hold session writes of an aborted transaction, whose
-    events are then redelivered and taken for duplicates: their slates lost. Kafka Streams
-    wipes its local state after an unclean stop under exactly-once; so do we, and the table
-    is rebuilt from the changelog, read committed. Returns True when something was dropped.
+    The local store (RocksDB) is written as a batch is processed, ahead of the changelog:
+    under exactly-once before the batch's transaction commits, under at-least-once before
+    the broker has the batch's slates (the changelog records wait for them). After a crash it
+    can hold session writes whose slates never reached Kafka; their redelivered events would
+    be taken for duplicates and never answered. Kafka Streams wipes its local state after an
+    unclean stop under exactly-once; we do under both guarantees, and the table is rebuilt
+    from the changelog (read committed under exactly-once). Returns True when something was
+    dropped.
     """
     mark = settings.data_dir / CLEAN_STOP_MARK
     clean = mark.exists()
     mark.unlink(missing_ok=True)
-    if settings.processing_guarantee != "exactly_once" or clean or not tabledir.exists():
+    if clean or not tabledir.exists():
         return False
     log.warning(
-        "exactly-once: the last worker on %s did not stop cleanly; dropping its local table "
-        "state (%s), to be rebuilt from the changelog",
+        "the last worker on %s did not stop cleanly; dropping its local table state (%s), "
+        "to be rebuilt from the changelog",
         settings.data_dir,
         tabledir,
     )

@@ -1,4 +1,4 @@
-"""Local table state after an unclean stop: dropped under exactly-once, kept otherwise."""
+"""Local table state: dropped after an unclean stop (either guarantee), kept after a clean one."""
 
 from __future__ import annotations
 
@@ -37,8 +37,16 @@ def test_exactly_once_keeps_the_store_after_a_clean_stop_and_consumes_the_mark(
     assert discard_unclean_table_state(s, tables) is True
 
 
-def test_at_least_once_keeps_the_store(tmp_path: Path) -> None:
+def test_at_least_once_drops_the_store_after_an_unclean_stop_too(tmp_path: Path) -> None:
     s = Settings(data_dir=tmp_path, processing_guarantee="at_least_once")
     tables = _tables(tmp_path)
+    assert discard_unclean_table_state(s, tables) is True
+    assert not tables.exists()
+
+
+def test_at_least_once_keeps_the_store_after_a_clean_stop(tmp_path: Path) -> None:
+    s = Settings(data_dir=tmp_path, processing_guarantee="at_least_once")
+    tables = _tables(tmp_path)
+    (tmp_path / CLEAN_STOP_MARK).touch()
     assert discard_unclean_table_state(s, tables) is False
-    assert tables.exists()
+    assert (tables / "sessions-0.db" / "CURRENT").exists()
