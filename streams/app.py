@@ -67,6 +67,8 @@ class StreamWorker:
         #: At-least-once: the latest of the chained tasks that send a batch's session
         #: changelog records once its slates are on the broker (see ``_changelog_after``).
         self._changelog_tail: asyncio.Future[None] | None = None
+        #: (topic, partition) label pairs of the lag gauge this worker exports.
+        self._lag_exported: set[tuple[str, str]] = set()
         self.feeds: list[Any] = []
         # One thread for model work: batches are processed in order, and the event loop
         # stays free to heartbeat and fetch while torch/faiss run.
@@ -165,6 +167,8 @@ class StreamWorker:
 
     def _update_lag(self, app: faust.App) -> None:
         consumer = app.consumer
+        gauge = self.metrics.consumer_lag
+        exported: set[tuple[str, str]] = set()
         for tp in consumer.assignment():
             if tp.topic != self.settings.topic_events:
                 continue
@@ -173,10 +177,14 @@ class StreamWorker:
             committed = consumer._committed_offset.get(tp)  # type: ignore[attr-defined]
             if highwater is None:
                 continue
-            lag = highwater - (committed or 0)
-            self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                max(0, lag)
-            )
+            labels = (tp.topic, str(tp.partition))
+            gauge.labels(*labels).set(max(0, highwater - (committed or 0)))
+            exported.add(labels)
+        # A partition that moved to another worker is that worker's to report: a stale value
+        # here would show lag (and page, StreamrecPartitionStuck) where nothing is behind.
+        for labels in self._lag_exported - exported:
+            gauge.remove(*labels)
+        self._lag_exported = exported
 
     def _get_state(self, user_id: str, ref: Any) -> SessionState:
         # The RocksDB store reads from the partition of the *current* event: set it first.

@@ -126,7 +126,7 @@ def test_every_panel_and_alert_query_returns_series(workers: list[FakeWorker]) -
     panels = [r for r in report.results if r.query.kind == "panel"]
     alerts = [r for r in report.results if r.query.kind == "alert"]
     assert len(panels) >= 30
-    assert len(alerts) == 8
+    assert len(alerts) == 9
     # A healthy worker keeps every alert condition false.
     assert {r.query.title: r.firing for r in alerts} == {r.query.title: 0 for r in alerts}
     by_title = {r.query.title: r for r in panels}

@@ -383,6 +383,28 @@ FIRING_CASES: list[tuple[str, str, dict[str, str], list[dict[str, str]]]] = [
         [{"instance": "w1", "severity": "critical"}],
     ),
     (
+        "StreamrecPartitionStuck",
+        "35m",
+        {
+            # w1 consumed, then nothing for 25 minutes with 4,746 messages uncommitted.
+            f'streamrec_consumer_lag_messages{{{J},instance="w1",topic="e",partition="0"}}': (
+                "0+10x9 4746x30"
+            ),
+            f'streamrec_events_consumed_total{{{J},instance="w1",type="view"}}': "0+600x9 5400x30",
+            # w2 is as far behind but still consuming: a backlog, not a stuck partition.
+            f'streamrec_consumer_lag_messages{{{J},instance="w2",topic="e",partition="1"}}': (
+                "4746x40"
+            ),
+            f'streamrec_events_duplicate_total{{{J},instance="w2"}}': "0+60x40",
+            # w3 is idle and caught up: nothing to alert on.
+            f'streamrec_consumer_lag_messages{{{J},instance="w3",topic="e",partition="2"}}': (
+                "0x40"
+            ),
+            f'streamrec_events_consumed_total{{{J},instance="w3",type="view"}}': "100x40",
+        },
+        [{"instance": "w1", "topic": "e", "partition": "0", "severity": "critical"}],
+    ),
+    (
         "StreamrecModelVersionsDiverge",
         "45m",
         {
@@ -472,8 +494,8 @@ def test_extract_queries_finds_every_panel_target_and_alert() -> None:
     queries = extract_queries()
     targets = sum(len(p["targets"]) for p in panels())
     assert len([q for q in queries if q.kind == "panel"]) == targets == 43
-    assert len([q for q in queries if q.kind == "alert"]) == len(alert_rules()) == 8
-    assert len(queries) == 51
+    assert len([q for q in queries if q.kind == "alert"]) == len(alert_rules()) == 9
+    assert len(queries) == 52
     for q in queries:
         assert "$" not in q.expr, q.title
         assert "[[" not in q.expr, q.title
