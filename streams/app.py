@@ -7,6 +7,7 @@ in ``streams.handler`` (batch accounting) and ``serving.service`` (models, index
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from typing import Any
 
 import faust
 from faust.streams import _current_event
-from faust.types import EventT
+from faust.types import TP, EventT
 from mode.types.signals import BaseSignalT
 
 from schemas.codec import Limits
@@ -25,6 +26,7 @@ from streamrec.kafka_config import faust_broker_kwargs
 from streamrec.metrics import Metrics
 from streamrec.settings import Settings
 from streams.handler import EventBatchHandler, InMessage, OutMessage, SlateResult
+from streams.produce import BatchProducer, SentBatch
 
 log = logging.getLogger("streamrec.worker")
 
@@ -81,6 +83,10 @@ class StreamWorker:
             knows_item=recommender.knows_item if recommender is not None else lambda _: True,
         )
         self.app = self._build_app()
+        # At-least-once sends: per-partition record batches through Faust's aiokafka producer.
+        # (Faust's aiokafka driver creates that producer on start; no public getter.)
+        producer: Any = self.app.producer
+        self.batches = BatchProducer(producer._ensure_producer)
 
     def _build_app(self) -> faust.App:
         s = self.settings
@@ -244,9 +250,10 @@ class StreamWorker:
             await self._send_all(self.recs_topic, finished.recommendations)
             await self._write_sessions_in_transaction(finished.session_writes)
             return
-        sent = [
-            self.recs_topic.send_soon(key=m.key, value=m.value) for m in finished.recommendations
-        ]
+        sent = await self.batches.send(
+            self.recs_topic.get_topic_name(),
+            [(m.key, m.value, None) for m in finished.recommendations],
+        )
         self._write_sessions_after(sent, finished.session_writes)
 
     # --- exactly-once ------------------------------------------------------------------------
@@ -294,40 +301,56 @@ class StreamWorker:
     # batch reads it); the changelog records follow once the broker has the slates.
 
     def _write_sessions_after(
-        self,
-        slates: Sequence[asyncio.Future[Any]],
-        writes: Sequence[tuple[str, dict[str, Any], Any]],
+        self, slates: Sequence[SentBatch], writes: Sequence[tuple[str, dict[str, Any], Any]]
     ) -> None:
-        table = self.sessions
-        for user_id, state, ref in writes:
-            _use_event(ref)  # the RocksDB store writes to the current event's partition
-            table.data[user_id] = state
+        self._store_locally(writes)
         if not writes:
             return
         self._changelog_tail = asyncio.ensure_future(
             self._changelog_after(self._changelog_tail, slates, writes)
         )
 
+    def _store_locally(self, writes: Sequence[tuple[str, dict[str, Any], Any]]) -> None:
+        table = self.sessions
+        for user_id, state, ref in writes:
+            _use_event(ref)  # the RocksDB store writes to the current event's partition
+            table.data[user_id] = state
+
     async def _changelog_after(
         self,
         previous: asyncio.Future[None] | None,
-        slates: Sequence[asyncio.Future[Any]],
+        slates: Sequence[SentBatch],
         writes: Sequence[tuple[str, dict[str, Any], Any]],
     ) -> None:
         """Send ``writes`` to the changelog once ``slates`` are acknowledged by the broker.
 
         Chained after the previous batch's task, so a user's changelog records keep their
         order. A slate that failed to send does not hold its session back: the state is
-        written either way, as before (the producer's error is logged by Faust).
+        written either way, as before (the failure is logged by ``streams.produce``). Each
+        changelog batch, once acknowledged, records its last offset in the RocksDB store of
+        its partition, as Faust's own changelog callback does: a clean restart then reads
+        only the changelog's tail.
         """
         if previous is not None:
             await asyncio.wait([previous])
-        if slates:
-            await asyncio.gather(*slates, return_exceptions=True)
-        table = self.sessions
-        for user_id, state, ref in writes:
-            # send_changelog keeps Faust's callback that records the RocksDB store's offset.
-            table.send_changelog(ref.message.partition, user_id, state)
+        await asyncio.gather(*(b.future for b in slates), return_exceptions=True)
+        changelog = self.sessions.changelog_topic
+        records = [
+            (
+                changelog.prepare_key(user_id, None)[0],
+                changelog.prepare_value(state, None)[0],
+                ref.message.partition,
+            )
+            for user_id, state, ref in writes
+        ]
+        for batch in await self.batches.send(changelog.get_topic_name(), records):
+            batch.future.add_done_callback(functools.partial(self._persist_offset, batch))
+
+    def _persist_offset(self, batch: SentBatch, _: asyncio.Future[Any]) -> None:
+        offset = batch.last_offset()
+        if offset is not None:
+            store: Any = self.sessions.data
+            store.set_persisted_offset(TP(batch.topic, batch.partition), offset)
 
     async def _send_in_transaction(
         self,
@@ -363,12 +386,10 @@ class StreamWorker:
         written, and the changelog record goes to the partition (and transaction) of the
         event that changed it.
         """
-        table = self.sessions
-        changelog = table.changelog_topic
+        self._store_locally(writes)
+        changelog = self.sessions.changelog_topic
         name = changelog.get_topic_name()
         for user_id, state, ref in writes:
-            _use_event(ref)  # the RocksDB store writes to the current event's partition
-            table.data[user_id] = state
             key, _ = changelog.prepare_key(user_id, None)
             value, _ = changelog.prepare_value(state, None)
             await self._send_in_transaction(name, key, value, ref, ref.message.partition)
@@ -382,7 +403,6 @@ class StreamWorker:
                 else:
                     await self._send_in_transaction(name, m.key, m.value, m.ref)
             return
-        # send_soon appends to the producer buffer without a round trip per message; the
-        # buffer is flushed before offsets are committed, so at-least-once still holds.
-        for m in messages:
-            topic.send_soon(key=m.key, value=m.value)
+        # One batch per partition (streams.produce); Faust flushes the producer before it
+        # commits offsets, so at-least-once still holds.
+        await self.batches.send(topic.get_topic_name(), [(m.key, m.value, None) for m in messages])

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from unittest import mock
 
 from faust.types import TP
 from prometheus_client import CollectorRegistry
 
-from streamrec.metrics import Metrics
-from streamrec.settings import Settings
-from streams.app import StreamWorker
+from tests.unit.conftest import WorkerFactory
 
 
 def test_lag_is_exported_for_assigned_partitions_and_dropped_when_they_move(
-    tmp_path: Path,
+    passthrough_worker: WorkerFactory,
 ) -> None:
     registry = CollectorRegistry()
-    settings = Settings(store="memory://", data_dir=tmp_path)
-    worker = StreamWorker(settings, None, Metrics.create(registry), passthrough=True)
-    topic = settings.topic_events
+    worker = passthrough_worker(registry=registry)
+    topic = worker.settings.topic_events
     p0, p1, changelog = TP(topic, 0), TP(topic, 1), TP("sessions-changelog", 0)
     consumer = worker.app.consumer
     highwater = {p0: 120, p1: 50, changelog: 9}

@@ -18,11 +18,10 @@ from typing import Any
 from unittest import mock
 
 from faust.types import TP
-from prometheus_client import CollectorRegistry
 
-from streamrec.metrics import Metrics
-from streamrec.settings import Settings
 from streams.app import StreamWorker
+from streams.produce import SentBatch
+from tests.unit.conftest import WorkerFactory
 
 
 def _recovery_steps(worker: StreamWorker) -> tuple[list[tuple[str, bool]], bool]:
@@ -61,14 +60,11 @@ def _recovery_steps(worker: StreamWorker) -> tuple[list[tuple[str, bool]], bool]
     return steps, consumer.flow_active
 
 
-def _worker(tmp_path: Any, guarantee: str) -> StreamWorker:
-    settings = Settings(store="memory://", data_dir=tmp_path, processing_guarantee=guarantee)
-    return StreamWorker(settings, None, Metrics.create(CollectorRegistry()), passthrough=True)
-
-
-def test_events_partitions_resume_and_seek_with_the_flow_stopped(tmp_path: Any) -> None:
+def test_events_partitions_resume_and_seek_with_the_flow_stopped(
+    passthrough_worker: WorkerFactory,
+) -> None:
     for guarantee in ("at_least_once", "exactly_once"):
-        steps, flow_after = _recovery_steps(_worker(tmp_path / guarantee, guarantee))
+        steps, flow_after = _recovery_steps(passthrough_worker(guarantee))
         assert steps == [
             ("resume_partitions", False),
             ("perform_seek", False),
@@ -86,29 +82,46 @@ class _Ref:
 
 
 def test_at_least_once_sends_the_changelog_only_after_the_slates_and_in_order(
-    tmp_path: Any,
+    passthrough_worker: WorkerFactory,
 ) -> None:
-    worker = _worker(tmp_path, "at_least_once")
-    sent: list[tuple[int, str, Any]] = []
+    worker = passthrough_worker()
+    sent: list[tuple[int, bytes, bytes]] = []
     inner_commits: list[bool] = []
+    persisted: list[tuple[TP, int]] = []
+    changelog = worker.sessions.changelog_topic.get_topic_name()
 
     async def inner_commit(topics: Any = None, start_new_transaction: bool = True) -> bool:
-        # What the commit would find in the producer buffer when it computes the offsets.
+        # What the commit would find in the producer when it computes the offsets.
         inner_commits.append(len(sent) == 2)
         return True
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
+        acks: list[asyncio.Future[Any]] = []
+
+        async def send(topic: str, records: list[Any]) -> list[SentBatch]:
+            assert topic == changelog
+            out = []
+            for key, value, partition in records:
+                sent.append((partition, key, value))
+                acks.append(loop.create_future())
+                out.append(SentBatch(topic, partition, 1, acks[-1]))
+            return out
+
         consumer = worker.app.consumer
         consumer.commit = inner_commit
         worker._guard_commits(consumer)
         ref = _Ref(partition=3)
         first, second = loop.create_future(), loop.create_future()
-        with mock.patch.object(
-            worker.sessions, "send_changelog", side_effect=lambda *a: sent.append(a)
+        store = worker.sessions.data
+        with (
+            mock.patch.object(worker.batches, "send", send),
+            mock.patch.object(
+                store, "set_persisted_offset", lambda tp, o: persisted.append((tp, o)), create=True
+            ),
         ):
-            worker._write_sessions_after([first], [("u1", {"n": 1}, ref)])
-            worker._write_sessions_after([second], [("u1", {"n": 2}, ref)])
+            worker._write_sessions_after([SentBatch("recs", 0, 1, first)], [("u1", {"n": 1}, ref)])
+            worker._write_sessions_after([SentBatch("recs", 1, 1, second)], [("u1", {"n": 2}, ref)])
             # The local store has the newest state at once: the next batch reads it.
             assert worker.sessions.data["u1"] == {"n": 2}
             commit = asyncio.ensure_future(consumer.commit())
@@ -119,7 +132,12 @@ def test_at_least_once_sends_the_changelog_only_after_the_slates_and_in_order(
             assert inner_commits == []  # and no offset is committed meanwhile
             first.set_exception(RuntimeError("broker said no"))  # a failed slate: state kept
             assert await commit is True
-        assert sent == [(3, "u1", {"n": 1}), (3, "u1", {"n": 2})]
+            # Each acknowledged changelog batch records its last offset for a clean restart.
+            acks[0].set_result(mock.Mock(offset=41))
+            acks[1].set_exception(RuntimeError("lost"))  # a failed one records nothing
+            await asyncio.sleep(0)
+        assert sent == [(3, b'"u1"', b'{"n":1}'), (3, b'"u1"', b'{"n":2}')]
         assert inner_commits == [True]
+        assert persisted == [(TP(changelog, 3), 41)]
 
     asyncio.run(run())
