@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from serving.calibration import temperature_of
 from serving.data import Features, ItemVocab, gap_bucket, sequence_features
 from serving.encoder import EncoderConfig, Past, SequenceEncoder, collate
 from serving.train import resolve_device
@@ -181,6 +182,12 @@ class LoadedEncoder:
     @property
     def dim(self) -> int:
         return self.model.cfg.dim
+
+    @property
+    def temperature(self) -> float:
+        """Calibrated temperature of the retrieval scores (``serving.calibration``; 1.0 when
+        the artifact was never calibrated)."""
+        return temperature_of(self.config)
 
     @property
     def max_len(self) -> int:

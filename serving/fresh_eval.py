@@ -110,6 +110,7 @@ class SlateSetup:
     candidates: int = 200
     diversity: float = 0.0
     filter_seen: bool = True
+    ordering: str = "dcg"
 
 
 def pipeline_slates(

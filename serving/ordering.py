@@ -11,8 +11,25 @@ blended with the Jaccard overlap of the items' category sets when both items hav
 relevant candidate (the max over an empty slate is undefined). Ties go to the lower candidate
 position, so ``diversity = 0`` reproduces a stable sort by relevance.
 
-``mmr`` is the batched fast path; ``mmr_reference`` is the slow pure-Python definition it is
-tested against.
+``mmr`` and ``xmmr`` are the batched fast paths; ``mmr_reference`` and ``xmmr_reference`` are
+the slow pure-Python definitions they are tested against.
+
+``xmmr`` (ordering ``"dcg"``) is MMR with the two terms in the units of what is measured: the
+relevance of candidate ``c`` at slate position ``t`` is its probability relative to the best
+candidate, ``q(c) = exp((rel(c) - max rel) / T)`` (the scores are logits: both the encoder and
+the reranker are trained with a softmax over items; ``T`` is the scorer's temperature fitted on
+validation, ``serving.calibration``, so that q is a calibrated probability ratio), times
+the NDCG discount of the position relative to the first, ``g(t) = 1 / log2(t + 2)``; the
+diversity term is what the candidate adds to the slate's intra-list diversity, the summed
+distance ``1 - sim`` to the items already picked, scaled by ``k - 1`` (the most pairs an item
+joins) so it stays in [0, 2]. Each step picks the candidate maximising
+
+    (1 - diversity) * g(t) * q(c) + diversity * sum_{s in slate} (1 - sim(c, s)) / (k - 1)
+
+so a likely item is hard to push out near the top (g is large and the slate small), and the
+unlikely tail of a slate goes to items unlike the rest. Min-max scaling (``mmr``) instead
+makes the 10th-best candidate look almost as relevant as the best whenever the pool's scores
+spread wide.
 
 ``dpp`` is the alternative ordering: greedy MAP inference of a determinantal point process with
 kernel ``L = diag(q) S diag(q)``, ``S`` the cosine of the item vectors and
@@ -94,6 +111,67 @@ def mmr(
     embeddings are float32 already and cosines agree with the float64 reference to ~1e-7.
     Relevance normalisation and the running scores stay float64 (they are only (B, C)).
     """
+    return _greedy(
+        relevance,
+        vectors,
+        k,
+        diversity,
+        "mmr",
+        categories=categories,
+        category_weight=category_weight,
+    )
+
+
+def xmmr(
+    relevance: np.ndarray,
+    vectors: np.ndarray,
+    k: int,
+    diversity: float,
+    *,
+    categories: np.ndarray | None = None,
+    category_weight: float = 0.5,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """Batched expected-gain MMR (module doc, ordering ``"dcg"``); same contract as
+    :func:`mmr`. ``relevance`` must be logits (adding a constant to a row changes nothing),
+    ``temperature`` > 0 their scorer's calibrated temperature."""
+    if not temperature > 0:
+        raise ValueError(f"{STAGE}: expected temperature > 0, got {temperature}")
+    return _greedy(
+        np.asarray(relevance, dtype=np.float64) / temperature,
+        vectors,
+        k,
+        diversity,
+        "dcg",
+        categories=categories,
+        category_weight=category_weight,
+    )
+
+
+def _relative_relevance(relevance: np.ndarray, avail: np.ndarray, kind: str) -> np.ndarray:
+    """Per row: min-max scaled to [0, 1] (``mmr``) or ``exp(rel - max)`` (``dcg``); 0 where
+    invalid, 1 everywhere on a row whose valid scores are all equal."""
+    hi = np.where(avail, relevance, -np.inf).max(axis=1, keepdims=True)
+    if kind == "dcg":
+        shifted = np.where(avail, relevance, 0.0) - np.where(np.isfinite(hi), hi, 0.0)
+        return np.where(avail, np.exp(shifted), 0.0)
+    lo = np.where(avail, relevance, np.inf).min(axis=1, keepdims=True)
+    span = hi - lo
+    safe_span = np.where(span > 0, span, 1.0)
+    rel = np.where(span > 0, (relevance - lo) / safe_span, 1.0)
+    return np.where(avail, rel, 0.0)
+
+
+def _greedy(
+    relevance: np.ndarray,
+    vectors: np.ndarray,
+    k: int,
+    diversity: float,
+    kind: str,
+    *,
+    categories: np.ndarray | None,
+    category_weight: float,
+) -> np.ndarray:
     relevance = np.asarray(relevance, dtype=np.float64)
     vectors = np.asarray(vectors)
     _check(relevance, vectors, k, diversity)
@@ -102,12 +180,7 @@ def mmr(
     if b == 0 or c == 0 or k == 0:
         return out
     avail = np.isfinite(relevance)
-    lo = np.where(avail, relevance, np.inf).min(axis=1, keepdims=True)
-    hi = np.where(avail, relevance, -np.inf).max(axis=1, keepdims=True)
-    span = hi - lo
-    safe_span = np.where(span > 0, span, 1.0)
-    rel = np.where(span > 0, (relevance - lo) / safe_span, 1.0)
-    rel = np.where(avail, rel, 0.0)
+    rel = _relative_relevance(relevance, avail, kind)
     x = np.asarray(vectors, dtype=np.float32)
     norms = np.sqrt(np.einsum("bcd,bcd->bc", x, x))
     unit = x / np.where(norms > 0, norms, 1.0)[..., None]
@@ -120,11 +193,19 @@ def mmr(
         # out of max_categories slots): the per-step overlap test scales with M.
         cats = cats[..., (cats >= 0).any(axis=(0, 1))]
         n_cats = (cats >= 0).sum(axis=2)
-    max_sim = np.zeros((b, c))
+    # mmr: the max similarity to the slate; dcg: the summed distance to it.
+    pairs = max(k - 1, 1)
+    acc = np.zeros((b, c))
     batch = np.arange(b)
     steps = min(k, c)
     for t in range(steps):
-        score = rel if t == 0 else (1.0 - diversity) * rel - diversity * max_sim
+        if t == 0:
+            score = rel
+        elif kind == "dcg":
+            gain = 1.0 / math.log2(t + 2)
+            score = (1.0 - diversity) * gain * rel + diversity * (acc / pairs)
+        else:
+            score = (1.0 - diversity) * rel - diversity * acc
         score = np.where(avail, score, -np.inf)
         pick = score.argmax(axis=1)
         ok = avail[batch, pick]
@@ -135,7 +216,10 @@ def mmr(
         if t + 1 == steps:
             break  # the last pick's similarities would never be read
         sim = _similarity_to(unit, cats, n_cats, pick, category_weight)
-        max_sim = np.where(ok[:, None], np.maximum(max_sim, sim) if t else sim, max_sim)
+        if kind == "dcg":
+            acc = np.where(ok[:, None], acc + (1.0 - sim), acc)
+        else:
+            acc = np.where(ok[:, None], np.maximum(acc, sim) if t else sim, acc)
     return out
 
 
@@ -253,12 +337,42 @@ def mmr_reference(
     category_weight: float = 0.5,
 ) -> list[list[int]]:
     """Slow pure-Python MMR, one user and one candidate at a time (same contract as ``mmr``)."""
+    return _greedy_reference(relevance, vectors, k, diversity, "mmr", categories, category_weight)
+
+
+def xmmr_reference(
+    relevance: Sequence[Sequence[float]],
+    vectors: Sequence[Sequence[Sequence[float]]],
+    k: int,
+    diversity: float,
+    *,
+    categories: Sequence[Sequence[Sequence[int]]] | None = None,
+    category_weight: float = 0.5,
+    temperature: float = 1.0,
+) -> list[list[int]]:
+    """Slow pure-Python expected-gain MMR (same contract as ``xmmr``)."""
+    scaled = [[r / temperature for r in rels] for rels in relevance]
+    return _greedy_reference(scaled, vectors, k, diversity, "dcg", categories, category_weight)
+
+
+def _greedy_reference(
+    relevance: Sequence[Sequence[float]],
+    vectors: Sequence[Sequence[Sequence[float]]],
+    k: int,
+    diversity: float,
+    kind: str,
+    categories: Sequence[Sequence[Sequence[int]]] | None,
+    category_weight: float,
+) -> list[list[int]]:
     slates = []
     for u, rels in enumerate(relevance):
         valid = [j for j, r in enumerate(rels) if math.isfinite(r)]
         lo = min((rels[j] for j in valid), default=0.0)
         hi = max((rels[j] for j in valid), default=0.0)
-        norm = {j: (rels[j] - lo) / (hi - lo) if hi > lo else 1.0 for j in valid}
+        if kind == "dcg":
+            norm = {j: math.exp(rels[j] - hi) for j in valid}
+        else:
+            norm = {j: (rels[j] - lo) / (hi - lo) if hi > lo else 1.0 for j in valid}
         units = []
         for v in vectors[u]:
             n = math.sqrt(sum(x * x for x in v))
@@ -276,9 +390,13 @@ def mmr_reference(
         left = list(valid)
         while left and len(chosen) < k:
             best, best_score = -1, -math.inf
+            t = len(chosen)
             for j in left:
                 if not chosen:
                     score = norm[j]
+                elif kind == "dcg":
+                    spread = sum(1.0 - sim(j, s) for s in chosen) / (k - 1)
+                    score = (1.0 - diversity) * norm[j] / math.log2(t + 2) + diversity * spread
                 else:
                     penalty = max(sim(j, s) for s in chosen)
                     score = (1.0 - diversity) * norm[j] - diversity * penalty

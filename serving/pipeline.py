@@ -28,7 +28,7 @@ import numpy as np
 from serving.catalog import Catalog, CatalogRows
 from serving.encoder import serving_window
 from serving.index import ItemIndex
-from serving.ordering import mmr
+from serving.ordering import mmr, xmmr
 from serving.types import CachingUserEncoder, History, Step, UserEncoder, step_items
 
 StageCallback = Callable[[str, float], None]
@@ -251,6 +251,10 @@ class RerankStage:
         return replace(cands, scores=np.where(valid, scores, -np.inf).astype(np.float32))
 
 
+#: Diversity orderings of the order stage (``serving.ordering``).
+ORDERINGS: tuple[str, ...] = ("dcg", "mmr")
+
+
 class OrderStage:
     name: ClassVar[str] = "order"
 
@@ -263,9 +267,15 @@ class OrderStage:
         diversity: float,
         category_weight: float = 0.5,
         pool: int = 50,
+        ordering: str = "dcg",
+        temperature: float = 1.0,
     ) -> None:
-        """pool: MMR considers only the ``pool`` best-scored candidates (>= slate_size)."""
-        self.pool = pool
+        """pool: MMR considers only the ``pool`` best-scored candidates (>= slate_size).
+        ordering: ``"dcg"`` (expected-gain MMR, ``serving.ordering.xmmr``) or ``"mmr"``;
+        temperature: the calibrated temperature of the scores it orders (``"dcg"`` only)."""
+        if ordering not in ORDERINGS:
+            raise ValueError(f"pipeline: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
+        self.pool, self.ordering, self.temperature = pool, ordering, temperature
         self.index, self.catalog_rows = index, rows
         self.slate_size, self.diversity, self.category_weight = (
             slate_size,
@@ -287,14 +297,25 @@ class OrderStage:
         rel = np.take_along_axis(cands.scores, top, axis=1)
         vectors = self.index.vectors_of_rows(rows)
         cats = self.catalog_rows.categories_of(rows) if self.catalog_rows is not None else None
-        picks = mmr(
-            rel,
-            vectors,
-            self.slate_size,
-            self.diversity,
-            categories=cats,
-            category_weight=self.category_weight,
-        )
+        if self.ordering == "dcg":
+            picks = xmmr(
+                rel,
+                vectors,
+                self.slate_size,
+                self.diversity,
+                categories=cats,
+                category_weight=self.category_weight,
+                temperature=self.temperature,
+            )
+        else:
+            picks = mmr(
+                rel,
+                vectors,
+                self.slate_size,
+                self.diversity,
+                categories=cats,
+                category_weight=self.category_weight,
+            )
         positions = np.where(picks >= 0, np.take_along_axis(top, np.maximum(picks, 0), 1), -1)
         return Ordered(cands, positions.astype(np.int64))
 
@@ -362,6 +383,8 @@ class PipelineSettings(Protocol):
     def diversity(self) -> float: ...
     @property
     def filter_seen(self) -> bool: ...
+    @property
+    def ordering(self) -> str: ...
 
 
 class Pipeline:
@@ -377,7 +400,7 @@ class Pipeline:
         *,
         candidates: int = 200,
         slate_size: int = 10,
-        diversity: float = 0.2,
+        diversity: float = 0.15,
         filter_seen: bool = False,
         exclude_trigger: bool = True,
         category_weight: float = 0.5,
@@ -385,6 +408,7 @@ class Pipeline:
         fallback_vector: np.ndarray | None = None,
         on_stage: StageCallback | None = None,
         mmr_pool: int = 50,
+        ordering: str = "dcg",
         fresh: FreshItems | None = None,
         fresh_slots: int = 1,
     ) -> None:
@@ -422,6 +446,9 @@ class Pipeline:
             diversity=diversity,
             category_weight=category_weight,
             pool=mmr_pool,
+            ordering=ordering,
+            # The order stage sees the reranker's scores, or the retriever's without one.
+            temperature=float(getattr(reranker or encoder, "temperature", 1.0)),
         )
 
     @classmethod
@@ -456,8 +483,8 @@ class Pipeline:
         settings: PipelineSettings,
         **params: Any,
     ) -> Pipeline:
-        """``from_encoder`` with candidates, slate_size, diversity and filter_seen from
-        settings."""
+        """``from_encoder`` with candidates, slate_size, diversity, filter_seen and ordering
+        from settings."""
         return cls.from_encoder(
             encoder,
             catalog,
@@ -465,6 +492,7 @@ class Pipeline:
             slate_size=settings.slate_size,
             diversity=settings.diversity,
             filter_seen=settings.filter_seen,
+            ordering=settings.ordering,
             **params,
         )
 

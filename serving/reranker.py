@@ -46,6 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from serving.calibration import temperature_of
 from serving.configs import config_from_dict, config_to_dict
 from serving.data import EncodedLog, ItemVocab, LeaveOneOut, sequence_features
 from serving.encoder import SequenceEncoder, collate
@@ -477,7 +478,9 @@ class TransformerReranker:
         version: str = "",
         meta: dict[str, object] | None = None,
         device: str | torch.device = "cpu",
+        temperature: float = 1.0,
     ) -> None:
+        """``temperature``: calibrated temperature of the scores (``serving.calibration``)."""
         if len(item_ids) != net.cfg.num_items:
             raise ValueError(
                 f"{STAGE}: expected {net.cfg.num_items} item ids for the reranker, "
@@ -488,6 +491,7 @@ class TransformerReranker:
         self.vocab = ItemVocab(item_ids)
         self.version = version
         self.meta = dict(meta or {})
+        self.temperature = temperature
         self._row_ids: np.ndarray | None = None
         self._row_map = np.zeros(0, dtype=np.int64)
 
@@ -697,6 +701,7 @@ def load_reranker(
         version=str(config.get("version", "")),
         meta=meta if isinstance(meta, dict) else {},
         device=device,
+        temperature=temperature_of(config),
     )
 
 

@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from serving.calibration import Calibration, fit_temperature, store_calibration
 from serving.data import EncodedLog, EvalCase, LeaveOneOut
 from serving.evaluate import evaluate_split
-from serving.ordering import coverage, dpp, intra_list_diversity, mmr
+from serving.ordering import coverage, dpp, intra_list_diversity, mmr, xmmr
 from serving.reranker import (
     MISS,
     EncoderLike,
@@ -47,9 +48,11 @@ from serving.reranker import (
 
 STAGE = "slate-eval"
 STAGES: tuple[str, ...] = ("retrieval", "rerank", "full")
-ORDERINGS: tuple[str, ...] = ("mmr", "dpp")
-#: MMR weights of the trade-off curve: dense where the slate changes most, sparse after.
-DIVERSITY_GRID: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+ORDERINGS: tuple[str, ...] = ("mmr", "dcg", "dpp")
+#: Diversity weights of the trade-off curve: dense where the slate changes most, sparse after.
+DIVERSITY_GRID: tuple[float, ...] = (
+    *(0.0, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
+)
 
 
 def slate_ranks(slates: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -125,11 +128,13 @@ def mmr_slates(
     *,
     categories: np.ndarray | None = None,
     category_weight: float = 0.5,
-    ordering: str = "mmr",
+    ordering: str = "dcg",
+    temperature: float = 1.0,
     chunk: int = 1024,
 ) -> np.ndarray:
     """``(U, k)`` MMR slates over ``cand (U, C)`` with relevance ``scores (U, C)``; with
-    ``ordering='dpp'`` greedy DPP slates (``serving.ordering.dpp``, vectors only) instead.
+    ``ordering='dcg'`` expected-gain MMR (``serving.ordering.xmmr``), with ``ordering='dpp'``
+    greedy DPP slates (``serving.ordering.dpp``, vectors only) instead.
 
     ``categories (N + 1, M)`` distinct category ids per item (-1 = none) make the similarity
     the pipeline's blend of cosine and category Jaccard (``serving.ordering.mmr``).
@@ -149,6 +154,16 @@ def mmr_slates(
         rows = np.maximum(cand[sl], 0)
         if ordering == "dpp":
             picks = dpp(scores[sl], vecs[rows], k, diversity)
+        elif ordering == "dcg":
+            picks = xmmr(
+                scores[sl],
+                vecs[rows],
+                k,
+                diversity,
+                categories=categories[rows] if categories is not None else None,
+                category_weight=category_weight,
+                temperature=temperature,
+            )
         else:
             picks = mmr(
                 scores[sl],
@@ -173,7 +188,8 @@ def tradeoff_curve(
     grid: Sequence[float] = DIVERSITY_GRID,
     categories: np.ndarray | None = None,
     category_weight: float = 0.5,
-    ordering: str = "mmr",
+    ordering: str = "dcg",
+    temperature: float = 1.0,
 ) -> list[dict[str, float]]:
     """One metrics row per diversity weight: ``{"diversity", HR@k, NDCG@k, ILD@k, coverage@k}``."""
     rows = []
@@ -187,6 +203,7 @@ def tradeoff_curve(
             categories=categories,
             category_weight=category_weight,
             ordering=ordering,
+            temperature=temperature,
         )
         rows.append({"diversity": float(lam), **slate_metrics(slates, targets, item_vectors, k)})
     return rows
@@ -206,6 +223,43 @@ def choose_diversity(
     floor = (1.0 - max_loss) * base[0][f"NDCG@{k}"]
     ok = [r for r in curve if r[f"NDCG@{k}"] >= floor]
     return max(ok, key=lambda r: (r[f"ILD@{k}"], -r["diversity"]))
+
+
+def calibrate(
+    encoder: EncoderLike,
+    split: LeaveOneOut,
+    *,
+    reranker: TransformerReranker | None = None,
+    candidates: int = 100,
+    model_dir: Path | str | None = None,
+) -> dict[str, Calibration]:
+    """Fit the temperature of the retrieval scores (and the reranker's) on the VALIDATION
+    cases' top-``candidates`` (``serving.calibration``). With ``model_dir`` the fits are stored
+    in its ``config.json`` / ``reranker.json``; the loaded ``encoder`` and ``reranker`` take
+    them at once either way."""
+    cases = split.cases("valid")
+    if not cases:
+        raise ValueError(f"{STAGE}: expected validation cases (users with >= 3 steps), got none")
+    log_ = EncodedLog(split.data, encoder.vocab)
+    logged = log_candidates(
+        encoder,
+        log_,
+        [(c.user, c.cut) for c in cases],
+        candidates=candidates,
+        seq_len=reranker.cfg.max_len if reranker is not None else 1,
+    )
+    fits = {"retrieval": fit_temperature(logged.retrieval, logged.target_pos)}
+    if reranker is not None:
+        fits["rerank"] = fit_temperature(score_logged(reranker.net, logged), logged.target_pos)
+        reranker.temperature = fits["rerank"].temperature
+    config = getattr(encoder, "config", None)
+    if isinstance(config, dict):
+        config["calibration"] = fits["retrieval"].to_dict()
+    if model_dir is not None:
+        store_calibration(Path(model_dir) / "config.json", fits["retrieval"])
+        if "rerank" in fits:
+            store_calibration(Path(model_dir) / "reranker.json", fits["rerank"])
+    return fits
 
 
 def _relative(new: float, old: float) -> float | None:
@@ -228,7 +282,7 @@ def evaluate_slates(
     curve_users: int | None = None,
     seed: int = 0,
     category_weight: float = 0.0,
-    ordering: str = "mmr",
+    ordering: str = "dcg",
 ) -> dict[str, Any]:
     """The slate report (JSON-ready) for ``which`` ('valid' or 'test') leave-one-out cases.
 
@@ -240,8 +294,9 @@ def evaluate_slates(
     headline rows always use every user, and the curve's relative changes compare rows of the
     same subset). ``category_weight > 0`` blends the category Jaccard of the reranker's item
     categories into MMR's similarity, as the pipeline's order stage does with catalogue
-    categories; ILD is still measured on the encoder's vectors. ``ordering='dpp'`` builds the
-    curve with the greedy DPP instead of MMR (the weight is then the DPP's trade-off).
+    categories; ILD is still measured on the encoder's vectors. ``ordering='dcg'`` builds the
+    curve with expected-gain MMR, ``ordering='dpp'`` with the greedy DPP (the weight is then
+    that ordering's trade-off).
     """
     if stages not in STAGES:
         raise ValueError(f"{STAGE}: expected stages in {list(STAGES)}, got {stages!r}")
@@ -312,6 +367,12 @@ def evaluate_slates(
             cats = np.where(table > 0, table, -1)
         report["category_weight"] = category_weight
         report["ordering"] = ordering
+        # "dcg" reads each scorer's scores at its calibrated temperature (1.0 if uncalibrated).
+        temps = {
+            "rerank": reranker.temperature,
+            "retrieval": float(getattr(encoder, "temperature", 1.0)),
+        }
+        report["temperature"] = temps
         curve = tradeoff_curve(
             cand,
             scores[sub],
@@ -322,6 +383,7 @@ def evaluate_slates(
             categories=cats,
             category_weight=category_weight,
             ordering=ordering,
+            temperature=temps["rerank"],
         )
         report["curve"] = {"rerank": curve}
         if retrieval_curve:
@@ -335,6 +397,7 @@ def evaluate_slates(
                 categories=cats,
                 category_weight=category_weight,
                 ordering=ordering,
+                temperature=temps["retrieval"],
             )
         if diversity is None:
             chosen = choose_diversity(curve, max_loss=max_loss, k=k)
@@ -351,7 +414,8 @@ def evaluate_slates(
 
 
 def plot_tradeoff(report: dict[str, Any], path: Path | str, *, title: str = "") -> Path:
-    """PNG of NDCG@k against intra-list diversity as the MMR weight varies (``report['curve']``)."""
+    """PNG of NDCG@k against intra-list diversity as the ordering's diversity weight varies
+    (``report['curve']``)."""
     if "curve" not in report:
         raise ValueError(f"{STAGE}: expected a report with a 'curve' (stages='full'), got none")
     import matplotlib
@@ -367,7 +431,10 @@ def plot_tradeoff(report: dict[str, Any], path: Path | str, *, title: str = "") 
         rows = report["curve"][name]
         xs = [r[f"ILD@{k}"] for r in rows]
         ys = [r[f"NDCG@{k}"] for r in rows]
-        ax.plot(xs, ys, style, label=f"{name} + MMR", markersize=4)
+        ordering = {"dcg": "expected-gain MMR", "mmr": "MMR", "dpp": "DPP"}.get(
+            report.get("ordering", "mmr"), "MMR"
+        )
+        ax.plot(xs, ys, style, label=f"{name} + {ordering}", markersize=4)
         for r, x, y in zip(rows, xs, ys, strict=True):
             if name == "rerank":
                 ax.annotate(f"{r['diversity']:.2f}", (x, y), fontsize=7, alpha=0.7)
@@ -379,7 +446,7 @@ def plot_tradeoff(report: dict[str, Any], path: Path | str, *, title: str = "") 
             s=120,
             facecolors="none",
             edgecolors="red",
-            label=f"default weight {report['diversity']:.2f}",
+            label=f"weight {report['diversity']:.2f}",
         )
     ax.set_xlabel(f"intra-list diversity @{k} (mean pairwise cosine distance)")
     ax.set_ylabel(f"NDCG@{k}")

@@ -55,7 +55,7 @@ from serving.reranker import (
     save_reranker,
     train_reranker,
 )
-from serving.slate_eval import evaluate_slates, plot_tradeoff, write_report
+from serving.slate_eval import calibrate, evaluate_slates, plot_tradeoff, write_report
 from serving.train import TrainConfig, train_encoder
 from serving.types import Step
 
@@ -176,9 +176,9 @@ def main(
     category_weight: Annotated[
         float, typer.Option(help="category Jaccard share of MMR's similarity (0 = vectors)")
     ] = 0.0,
-    ordering: Annotated[str, typer.Option(help="mmr | dpp: the diversity curve's ordering")] = (
-        "mmr"
-    ),
+    ordering: Annotated[
+        str, typer.Option(help="dcg | mmr | dpp: the diversity curve's ordering")
+    ] = "dcg",
     heldout_model: Annotated[
         Path | None, typer.Option(help="cross-fitted encoder dir (default: <model>-heldout)")
     ] = None,
@@ -232,6 +232,11 @@ def main(
     )
     version = save_reranker(result.reranker, model_dir, metrics={"valid": result.valid})
     console.print(f"reranker {version}: valid {result.valid}")
+    # The "dcg" ordering reads both scorers' logits at their validation-fitted temperatures.
+    fits = calibrate(
+        encoder, split, reranker=result.reranker, candidates=candidates, model_dir=model_dir
+    )
+    console.print({name: cal.to_dict() for name, cal in fits.items()})
     valid = evaluate_slates(
         encoder,
         split,
@@ -268,6 +273,7 @@ def main(
             "version": encoder.version,
             "metrics": encoder.config.get("metrics", {}),
         },
+        "calibration": {name: cal.to_dict() for name, cal in fits.items()},
         "reranker": {
             "version": version,
             "config": result.reranker.cfg.to_dict(),

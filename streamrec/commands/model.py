@@ -102,6 +102,17 @@ def train(
         attributes=result.attributes,
     )
     typer.echo(f"saved {version} to {out}")
+    if split.cases("valid"):
+        from serving.artifacts import load_model
+        from serving.slate_eval import calibrate
+
+        n_items = len(vocab.ids)
+        cal = calibrate(load_model(out), split, candidates=min(100, n_items), model_dir=out)
+        fit = cal["retrieval"]
+        typer.echo(
+            f"retrieval scores: temperature {fit.temperature:.3f} (validation NLL over the "
+            f"top {fit.candidates}: {fit.nll_at_1:.4f} at 1.0 -> {fit.nll:.4f})"
+        )
 
 
 def evaluate(

@@ -1,9 +1,9 @@
-"""``streamrec train-reranker`` and ``streamrec evaluate-slates``: the listwise reranker."""
+"""``streamrec train-reranker``, ``streamrec calibrate`` and ``streamrec evaluate-slates``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -68,7 +68,48 @@ def train_reranker(
         f"{v['rerank']['NDCG@10']:.4f} ({result.train_cases} training cases, "
         f"{result.seconds:.0f}s)"
     )
+    from serving.slate_eval import calibrate as fit
+
+    _echo_fits(
+        fit(encoder, split, reranker=result.reranker, candidates=candidates, model_dir=model)
+    )
     typer.echo(f"saved {version} to {model}")
+
+
+def _echo_fits(fits: dict[str, Any]) -> None:
+    for name, cal in fits.items():
+        typer.echo(
+            f"{name} scores: temperature {cal.temperature:.3f} (validation NLL "
+            f"{cal.nll_at_1:.4f} at 1.0 -> {cal.nll:.4f}, {cal.cases} cases)"
+        )
+
+
+def calibrate(
+    model: Annotated[Path, typer.Option(help="encoder directory (with its reranker, if any)")],
+    data: Annotated[Path, typer.Option(help="interaction log the models were trained on")],
+    fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)],
+    candidates: Annotated[int, typer.Option(help="C retrieved per validation case")] = 100,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
+) -> None:
+    """Fit the score temperatures the "dcg" slate ordering reads (validation split) and store
+    them beside the encoder and reranker (weights and versions unchanged)."""
+    import torch
+
+    from serving.artifacts import ArtifactError, load_model
+    from serving.data import DataError, leave_one_out, load_interactions
+    from serving.reranker import RerankerError, load_reranker
+    from serving.slate_eval import calibrate as fit
+
+    torch.set_num_threads(threads)
+    try:
+        encoder = load_model(model, device="cpu")
+        reranker = load_reranker(model)
+        split = leave_one_out(load_interactions(data, fmt))
+        fits = fit(encoder, split, reranker=reranker, candidates=candidates, model_dir=model)
+    except (ArtifactError, RerankerError, DataError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    _echo_fits(fits)
+    typer.echo(f"stored in {model}")
 
 
 def evaluate_slates(
@@ -82,8 +123,11 @@ def evaluate_slates(
     candidates: int = 100,
     k: int = 10,
     diversity: Annotated[
-        float | None, typer.Option(help="MMR weight to report; default: chosen on the curve")
+        float | None, typer.Option(help="diversity weight to report; default: chosen on the curve")
     ] = None,
+    ordering: Annotated[
+        str, typer.Option(help="dcg | mmr | dpp: the ordering of the diversity curve")
+    ] = "dcg",
     threads: int = 2,
 ) -> None:
     """HR/NDCG@k, intra-list diversity and coverage: retrieval vs rerank vs + MMR."""
@@ -94,10 +138,18 @@ def evaluate_slates(
     from serving.artifacts import ArtifactError, load_model
     from serving.data import DataError, leave_one_out, load_interactions
     from serving.reranker import RerankerError, load_reranker
-    from serving.slate_eval import STAGES, evaluate_slates, plot_tradeoff, write_report
+    from serving.slate_eval import (
+        ORDERINGS,
+        STAGES,
+        evaluate_slates,
+        plot_tradeoff,
+        write_report,
+    )
 
     if stages not in STAGES:
         raise _fail(f"evaluate-slates: expected --stages in {list(STAGES)}, got {stages!r}")
+    if ordering not in ORDERINGS:
+        raise _fail(f"evaluate-slates: expected --ordering in {list(ORDERINGS)}, got {ordering!r}")
     if split not in ("test", "valid"):
         raise _fail(f"evaluate-slates: expected --split test or valid, got {split!r}")
     if plot is not None and stages != "full":
@@ -121,6 +173,7 @@ def evaluate_slates(
             candidates=candidates,
             k=k,
             diversity=diversity,
+            ordering=ordering,
         )
     except (ArtifactError, RerankerError, DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
@@ -134,7 +187,8 @@ def evaluate_slates(
     if "rerank" in report:
         rows.append(("rerank", report["rerank"]))
     if "at_diversity" in report:
-        rows.append((f"rerank + MMR {report['diversity']:.2f}", report["at_diversity"]))
+        label = f"rerank + {report['ordering']} {report['diversity']:.2f}"
+        rows.append((label, report["at_diversity"]))
     for name, metrics in rows:
         table.add_row(name, *(f"{metrics[key]:.4f}" for key in keys))
     Console().print(table)
@@ -149,4 +203,5 @@ def evaluate_slates(
 def register(app: typer.Typer) -> None:
     """Add ``train-reranker`` and ``evaluate-slates`` to ``app``."""
     app.command("train-reranker")(train_reranker)
+    app.command("calibrate")(calibrate)
     app.command("evaluate-slates")(evaluate_slates)

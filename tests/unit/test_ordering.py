@@ -1,4 +1,4 @@
-"""MMR and greedy DPP: the batched fast paths against their references; evaluation helpers."""
+"""MMR, expected-gain MMR and greedy DPP against their references; evaluation helpers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from serving.ordering import (
     intra_list_diversity,
     mmr,
     mmr_reference,
+    xmmr,
+    xmmr_reference,
 )
 
 
@@ -29,14 +31,17 @@ def case(seed: int, b: int = 6, c: int = 40, d: int = 8, m: int = 3):
 
 @pytest.mark.parametrize("diversity", [0.0, 0.3, 0.7, 1.0])
 @pytest.mark.parametrize("with_categories", [False, True])
-def test_mmr_matches_reference(diversity: float, with_categories: bool) -> None:
+@pytest.mark.parametrize(("fast_path", "reference"), [(mmr, mmr_reference), (xmmr, xmmr_reference)])
+def test_mmr_matches_reference(
+    diversity: float, with_categories: bool, fast_path: object, reference: object
+) -> None:
     for seed in range(3):
         rel, vec, cats = case(seed)
         # Reference categories must be distinct per item, as the catalog guarantees.
         cats = np.where(cats == np.roll(cats, 1, axis=2), -1, cats)
         c = cats if with_categories else None
-        fast = mmr(rel, vec, 10, diversity, categories=c, category_weight=0.4)
-        slow = mmr_reference(
+        fast = fast_path(rel, vec, 10, diversity, categories=c, category_weight=0.4)  # type: ignore[operator]
+        slow = reference(  # type: ignore[operator]
             rel.tolist(),
             vec.tolist(),
             10,
@@ -68,9 +73,10 @@ def test_dpp_spreads_clusters_and_falls_back_to_relevance() -> None:
     assert short.tolist() == [[0, -1, -1]]
 
 
-def test_zero_diversity_is_relevance_order() -> None:
+@pytest.mark.parametrize("order", [mmr, xmmr])
+def test_zero_diversity_is_relevance_order(order: object) -> None:
     rel, vec, _ = case(7)
-    picks = mmr(rel, vec, 10, 0.0)
+    picks = order(rel, vec, 10, 0.0)  # type: ignore[operator]
     for r, p in zip(rel, picks, strict=True):
         valid = np.isfinite(r)
         want = [j for j in np.argsort(-r, kind="stable") if valid[j]][:10]
@@ -88,6 +94,22 @@ def test_diversity_spreads_clusters() -> None:
     diverse = intra_list_diversity(vec[0, [0, 5]])
     assert plain == pytest.approx(0.0)
     assert diverse == pytest.approx(1.0)
+
+
+def test_expected_gain_keeps_likely_items_and_diversifies_the_tail() -> None:
+    # Cluster A holds the two likely items; the rest are unlikely, and one candidate far
+    # down the pool (logit -20) stretches the pool's score range.
+    vec = np.array([[[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 4 + [[1.0, 0.0]]])
+    rel = np.array([[5.0, 4.5, 1.2, 1.1, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, -20.0]])
+    picks = xmmr(rel, vec, 4, 0.2)[0].tolist()
+    # Item 1 is 0.61 as likely as the best and keeps second place; the unlikely tail
+    # (< 0.03 of the best) gives way to the other cluster.
+    assert picks[:3] == [0, 1, 6]
+    # Min-max MMR at the same weight puts cluster B's best (0.015 as likely as the best)
+    # above item 1: after scaling by the range, 4.5 and 0.8 look alike.
+    assert mmr(rel, vec, 4, 0.2)[0].tolist()[:2] == [0, 6]
+    # Logits: a constant added to a row changes nothing.
+    assert xmmr(rel + 100.0, vec, 4, 0.2).tolist() == xmmr(rel, vec, 4, 0.2).tolist()
 
 
 def test_helpers() -> None:
@@ -109,6 +131,7 @@ def test_helpers() -> None:
             r"categories \(B, C, M\)",
         ),
         (lambda: dpp(np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, -0.1), r"diversity in \[0, 1\]"),
+        (lambda: xmmr(np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, 2.0), r"diversity in \[0, 1\]"),
         (lambda: intra_list_diversity(np.zeros(3)), r"\(S, D\) or \(B, S, D\)"),
         (lambda: coverage([["a"]], 0), "n_items > 0"),
     ],

@@ -123,7 +123,9 @@ def test_filter_seen_and_small_candidate_sets(world: tuple[MeanEncoder, Catalog]
 
 def test_new_cluster_appears_for_user_who_views_it(world: tuple[MeanEncoder, Catalog]) -> None:
     encoder, catalog = world
-    pipe = Pipeline.from_encoder(encoder, catalog, slate_size=10, diversity=0.2)
+    # Min-max MMR: the mean-vector encoder's scores are cosines in [-1, 1], not the logits the
+    # "dcg" ordering reads as probabilities (at that scale every candidate looks alike to it).
+    pipe = Pipeline.from_encoder(encoder, catalog, slate_size=10, diversity=0.2, ordering="mmr")
     new_ids, new_vecs = make_items(range(CLUSTERS, CLUSTERS + 1), seed=9)
     pipe.index.upsert(new_ids, new_vecs)  # e.g. cold-start items from the items topic
     encoder.table.update(zip(new_ids, new_vecs, strict=True))
@@ -234,12 +236,14 @@ class FakeSettings:
     slate_size = 4
     diversity = 0.0
     filter_seen = False
+    ordering = "mmr"
 
 
 def test_from_settings(world: tuple[MeanEncoder, Catalog]) -> None:
     encoder, catalog = world
     pipe = Pipeline.from_settings(encoder, catalog, FakeSettings())
     assert pipe.retrieve.candidates == 30
+    assert pipe.order.ordering == "mmr"
     assert len(pipe.recommend([SlateRequest("u", steps(["c0-1"]))])[0].item_ids) == 4
 
 

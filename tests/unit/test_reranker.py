@@ -34,6 +34,7 @@ from serving.reranker import (
     training_cases,
     without_seen,
 )
+from serving.slate_eval import calibrate
 from serving.types import EVENT_TYPES, Step
 
 torch.set_num_threads(1)
@@ -479,3 +480,28 @@ def test_serving_caches_match_the_training_path(trained: TransformerReranker) ->
     with torch.inference_mode():
         fast = net(x)[0]
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_is_stored_beside_both_models_and_read_by_the_pipeline(
+    trained: TransformerReranker, encoder: LoadedEncoder, tiny_log: Interactions, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "m"  # the encoder fixture's directory
+    save_reranker(trained, model_dir)
+    loaded = load_reranker(model_dir)
+    assert loaded is not None
+    assert (encoder.temperature, loaded.temperature) == (1.0, 1.0)  # never calibrated
+    fits = calibrate(
+        encoder, leave_one_out(tiny_log), reranker=loaded, candidates=20, model_dir=model_dir
+    )
+    t_enc, t_rr = fits["retrieval"].temperature, fits["rerank"].temperature
+    assert encoder.temperature == pytest.approx(t_enc, rel=1e-4)  # in memory at once
+    assert loaded.temperature == t_rr
+    again, again_rr = load_model(model_dir, device="cpu"), load_reranker(model_dir)
+    assert again_rr is not None
+    assert again.version == encoder.version  # weights and version untouched
+    assert again.temperature == pytest.approx(t_enc, rel=1e-4)
+    assert again_rr.temperature == pytest.approx(t_rr, rel=1e-4)
+    # The order stage reads the scorer whose scores it orders.
+    with_rr = Pipeline.from_encoder(again, reranker=again_rr)
+    assert with_rr.order.temperature == pytest.approx(t_rr, rel=1e-4)
+    assert Pipeline.from_encoder(again).order.temperature == pytest.approx(t_enc, rel=1e-4)

@@ -1,0 +1,118 @@
+"""Temperature scaling of a scorer's logits over its candidates (Guo et al., ICML 2017).
+
+The slate ordering ``"dcg"`` (``serving.ordering.xmmr``) reads ``exp((s_i - s_max) / T)`` as the
+probability of candidate i relative to the best one, so its trade-off weight means the same for
+every scorer only if that ratio is calibrated. Both the encoder and the reranker are trained
+with a softmax, but over different sets (the whole catalogue; the retrieved candidates) and
+with dropout, and they come out with different sharpness: on Beauty's validation split the
+temperature that fits best is 2.0 for the encoder's top-100 and 1.4 for the reranker's.
+
+``fit_temperature`` minimises the mean negative log-likelihood of the true next item among the
+candidates (cases whose target was retrieved) over ``log T``, by golden-section search (the
+NLL is convex in ``1 / T``). The result is stored beside each artifact as serving metadata
+(``"calibration"`` in ``config.json`` / ``reranker.json``); it does not change the weights or
+the version id. A missing entry means ``T = 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STAGE = "calibration"
+#: Search interval of the temperature.
+T_MIN, T_MAX = 0.05, 50.0
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """A fitted temperature and what it was fitted on."""
+
+    temperature: float
+    nll: float  # mean NLL of the target among the candidates at ``temperature``
+    nll_at_1: float  # the same at T = 1
+    cases: int  # cases with the target among the candidates
+    candidates: int
+    split: str = "valid"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def _nll(scores: np.ndarray, target: np.ndarray, temperature: float) -> float:
+    z = scores / temperature
+    top = z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z - top).sum(axis=1)) + top[:, 0]
+    return float((lse - z[np.arange(len(z)), target]).mean())
+
+
+def fit_temperature(
+    scores: np.ndarray, target_pos: np.ndarray, *, split: str = "valid", tol: float = 1e-3
+) -> Calibration:
+    """``scores (U, C)`` logits (``-inf`` = not a candidate), ``target_pos (U,)`` the target's
+    column or a negative value when it was not retrieved (those cases are left out)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    target_pos = np.asarray(target_pos)
+    if scores.ndim != 2 or target_pos.shape != (len(scores),):
+        raise ValueError(
+            f"{STAGE}: expected scores (U, C) and target_pos (U,), got {scores.shape} and "
+            f"{target_pos.shape}"
+        )
+    hit = target_pos >= 0
+    s, t = scores[hit], target_pos[hit].astype(np.int64)
+    if len(s) and not np.isfinite(s[np.arange(len(s)), t]).all():
+        raise ValueError(f"{STAGE}: expected a finite score for every retrieved target")
+    if len(s) == 0:
+        raise ValueError(f"{STAGE}: expected cases with the target among the candidates, got none")
+    # Invalid candidates get a score no temperature lifts into the softmax.
+    s = np.where(np.isfinite(s), s, np.nan)
+    s = s - np.nanmax(s, axis=1, keepdims=True)
+    s = np.where(np.isnan(s), -1e30, s)
+    lo, hi = math.log(T_MIN), math.log(T_MAX)
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = _nll(s, t, math.exp(a)), _nll(s, t, math.exp(b))
+    while hi - lo > tol:
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = _nll(s, t, math.exp(a))
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = _nll(s, t, math.exp(b))
+    temperature = math.exp((lo + hi) / 2.0)
+    return Calibration(
+        temperature=temperature,
+        nll=_nll(s, t, temperature),
+        nll_at_1=_nll(s, t, 1.0),
+        cases=len(s),
+        candidates=scores.shape[1],
+        split=split,
+    )
+
+
+def temperature_of(config: dict[str, Any]) -> float:
+    """The calibrated temperature in an artifact's JSON, 1.0 when it has none."""
+    entry = config.get("calibration")
+    if not isinstance(entry, dict):
+        return 1.0
+    value = float(entry.get("temperature", 1.0))
+    if not value > 0:
+        raise ValueError(f"{STAGE}: expected a temperature > 0 in the artifact, got {value}")
+    return value
+
+
+def store_calibration(path: Path | str, calibration: Calibration) -> None:
+    """Write ``calibration`` into the artifact JSON at ``path`` (other keys untouched)."""
+    p = Path(path)
+    config = json.loads(p.read_text())
+    config["calibration"] = calibration.to_dict()
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.replace(p)
