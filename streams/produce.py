@@ -9,19 +9,27 @@ Java clients), the same compression, and one future per partition batch.
 
 Delivery is unchanged: the batches sit in the producer's accumulator like ``send`` records,
 Faust's at-least-once commit flushes the producer before it commits offsets, and a failed
-batch is logged (as Faust logs a failed ``send_soon``). Exactly-once does not use this: its
-records go to the transactional producer of the consumed partition
-(``StreamWorker._send_in_transaction``).
+batch is logged (as Faust logs a failed ``send_soon``). Unlike ``send_soon``, handing a batch
+over can wait: for the topic's metadata, or for the partition's previous batch to leave. If
+the broker is away long enough for that to time out, the send is retried (with a warning)
+until it goes through: the agent waits, so nothing past it is acked or committed.
+Exactly-once does not use this: its records go to the transactional producer of the consumed
+partition (``StreamWorker._send_in_transaction``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+T = TypeVar("T")
+#: Seconds between attempts to hand records over while the broker is unreachable.
+RETRY_S = (0.5, 1.0, 2.0, 5.0)
 log = logging.getLogger("streamrec.worker")
 
 #: ``(key, value, partition)``; ``partition=None`` hashes the key like ``producer.send``.
@@ -62,7 +70,7 @@ class BatchProducer:
         if not records:
             return []
         producer = self._producer()
-        await producer.client._wait_on_metadata(topic)
+        await _retrying(f"metadata for {topic}", lambda: producer.client._wait_on_metadata(topic))
         by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
         for key, value, partition in records:
             if partition is None:
@@ -88,10 +96,27 @@ class BatchProducer:
     async def _submit(
         producer: Any, batch: Any, topic: str, partition: int, count: int
     ) -> SentBatch:
-        future = await producer.send_batch(batch, topic, partition=partition)
+        future = await _retrying(
+            f"send to {topic}[{partition}]",
+            lambda: producer.send_batch(batch, topic, partition=partition),
+        )
         out = SentBatch(topic, partition, count, future)
         future.add_done_callback(lambda f: _log_failure(out, f))
         return out
+
+
+async def _retrying(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``await call()``, again after a pause while it times out or cannot connect (a batch
+    that timed out waiting for room was never queued, so trying it again sends it once)."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except (KafkaTimeoutError, KafkaConnectionError) as exc:
+            pause = RETRY_S[min(attempt, len(RETRY_S) - 1)]
+            log.warning("%s: %r; retrying in %.1f s", what, exc, pause)
+            attempt += 1
+            await asyncio.sleep(pause)
 
 
 def _log_failure(batch: SentBatch, future: asyncio.Future[Any]) -> None:

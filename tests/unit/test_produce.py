@@ -8,6 +8,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from streams.produce import BatchProducer, SentBatch
@@ -97,3 +98,27 @@ def test_offsets_and_failures(caplog: pytest.LogCaptureFixture) -> None:
         offsets = asyncio.run(run())
     assert offsets == [101, None]  # base offset 100 + 2 records - 1
     assert "send of 1 records to recs[1] failed: RuntimeError('broker said no')" in caplog.text
+
+
+def test_a_timed_out_hand_over_is_retried_once_the_broker_is_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    producer = FakeProducer()
+    real_send = producer.send_batch
+    fails = [KafkaTimeoutError(), KafkaConnectionError("broker away")]
+
+    async def flaky(batch: BatchBuilder, topic: str, *, partition: int) -> Any:
+        if fails:
+            raise fails.pop(0)
+        return await real_send(batch, topic, partition=partition)
+
+    async def run() -> list[SentBatch]:
+        with mock.patch("streams.produce.RETRY_S", (0.0,)):
+            return await BatchProducer(lambda: producer).send("recs", [(b"a0", b"1", None)])
+
+    producer.send_batch = flaky  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="streamrec.worker"):
+        sent = asyncio.run(run())
+    assert [(b.partition, b.count) for b in sent] == [(0, 1)]
+    assert producer.submitted == [("recs", 0, [(b"a0", b"1")])]  # handed over exactly once
+    assert caplog.text.count("send to recs[0]") == 2
