@@ -107,12 +107,16 @@ def train(
         from serving.slate_eval import calibrate
 
         n_items = len(vocab.ids)
-        cal = calibrate(load_model(out), split, candidates=min(100, n_items), model_dir=out)
-        fit = cal["retrieval"]
-        typer.echo(
-            f"retrieval scores: temperature {fit.temperature:.3f} (validation NLL over the "
-            f"top {fit.candidates}: {fit.nll_at_1:.4f} at 1.0 -> {fit.nll:.4f})"
-        )
+        try:
+            cal = calibrate(load_model(out), split, candidates=min(100, n_items), model_dir=out)
+        except ValueError as exc:  # e.g. no validation target retrieved: T stays 1
+            typer.secho(f"calibration skipped: {exc}", err=True, fg=typer.colors.YELLOW)
+        else:
+            fit = cal["retrieval"]
+            typer.echo(
+                f"retrieval scores: temperature {fit.temperature:.3f} (validation NLL over "
+                f"the top {fit.candidates}: {fit.nll_at_1:.4f} at 1.0 -> {fit.nll:.4f})"
+            )
 
 
 def evaluate(

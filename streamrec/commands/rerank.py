@@ -70,9 +70,12 @@ def train_reranker(
     )
     from serving.slate_eval import calibrate as fit
 
-    _echo_fits(
-        fit(encoder, split, reranker=result.reranker, candidates=candidates, model_dir=model)
-    )
+    try:
+        fits = fit(encoder, split, reranker=result.reranker, candidates=candidates, model_dir=model)
+    except ValueError as exc:  # e.g. no validation target retrieved: T stays 1
+        typer.secho(f"calibration skipped: {exc}", err=True, fg=typer.colors.YELLOW)
+    else:
+        _echo_fits(fits)
     typer.echo(f"saved {version} to {model}")
 
 

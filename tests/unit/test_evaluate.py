@@ -221,6 +221,10 @@ def test_cli_train_with_item_attributes(tmp_path: Path) -> None:
     config = json.loads((model / "config.json").read_text())
     assert config["model"]["num_attrs"] >= 2
     assert config["model"]["max_attrs"] == 8
+    # train fits the retrieval scores' temperature on validation for the "dcg" ordering
+    assert "retrieval scores: temperature" in result.output
+    assert config["calibration"]["temperature"] > 0
+    assert config["calibration"]["split"] == "valid"
     bad = CliRunner().invoke(app, [*args, "--attributes", str(items), "--attributes-format", "x"])
     assert bad.exit_code == 2
     assert "attribute format s3rec, ml-100k or items" in bad.output
