@@ -148,6 +148,35 @@ def xmmr(
     )
 
 
+def diversify(
+    ordering: str,
+    relevance: np.ndarray,
+    vectors: np.ndarray,
+    k: int,
+    diversity: float,
+    *,
+    categories: np.ndarray | None = None,
+    category_weight: float = 0.5,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """``xmmr`` (``ordering="dcg"``, at ``temperature``) or ``mmr`` (``"mmr"``)."""
+    if ordering == "dcg":
+        return xmmr(
+            relevance,
+            vectors,
+            k,
+            diversity,
+            categories=categories,
+            category_weight=category_weight,
+            temperature=temperature,
+        )
+    if ordering == "mmr":
+        return mmr(
+            relevance, vectors, k, diversity, categories=categories, category_weight=category_weight
+        )
+    raise ValueError(f"{STAGE}: expected ordering 'dcg' or 'mmr', got {ordering!r}")
+
+
 def _relative_relevance(relevance: np.ndarray, avail: np.ndarray, kind: str) -> np.ndarray:
     """Per row: min-max scaled to [0, 1] (``mmr``) or ``exp(rel - max)`` (``dcg``); 0 where
     invalid, 1 everywhere on a row whose valid scores are all equal."""

@@ -28,7 +28,7 @@ import numpy as np
 from serving.catalog import Catalog, CatalogRows
 from serving.encoder import serving_window
 from serving.index import ItemIndex
-from serving.ordering import mmr, xmmr
+from serving.ordering import diversify
 from serving.types import CachingUserEncoder, History, Step, UserEncoder, step_items
 
 StageCallback = Callable[[str, float], None]
@@ -297,25 +297,16 @@ class OrderStage:
         rel = np.take_along_axis(cands.scores, top, axis=1)
         vectors = self.index.vectors_of_rows(rows)
         cats = self.catalog_rows.categories_of(rows) if self.catalog_rows is not None else None
-        if self.ordering == "dcg":
-            picks = xmmr(
-                rel,
-                vectors,
-                self.slate_size,
-                self.diversity,
-                categories=cats,
-                category_weight=self.category_weight,
-                temperature=self.temperature,
-            )
-        else:
-            picks = mmr(
-                rel,
-                vectors,
-                self.slate_size,
-                self.diversity,
-                categories=cats,
-                category_weight=self.category_weight,
-            )
+        picks = diversify(
+            self.ordering,
+            rel,
+            vectors,
+            self.slate_size,
+            self.diversity,
+            categories=cats,
+            category_weight=self.category_weight,
+            temperature=self.temperature,
+        )
         positions = np.where(picks >= 0, np.take_along_axis(top, np.maximum(picks, 0), 1), -1)
         return Ordered(cands, positions.astype(np.int64))
 

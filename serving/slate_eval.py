@@ -13,7 +13,8 @@ Protocol (leave-one-out, the split ``serving.evaluate`` uses):
   repeat consumption (MovieLens ratings) a seen item is never the target, so most of what a
   reranker gains over raw retrieval there may be this filter; ``lift_over_filtered`` compares
   ``rerank`` with ``retrieval_filtered`` to tell the two apart.
-- ``curve``: MMR (``serving.ordering.mmr``, cosine of the encoder's item vectors) over the
+- ``curve``: the diversity ordering (``serving.ordering``: expected-gain MMR by default, or
+  MMR / greedy DPP; cosine of the encoder's item vectors) over the
   rerank (or retrieval) scores for each diversity weight of a grid.
 
 Per slate: HR@k, NDCG@k (one relevant item, IDCG = 1), intra-list diversity (mean pairwise
@@ -36,7 +37,7 @@ import numpy as np
 from serving.calibration import Calibration, fit_temperature, store_calibration
 from serving.data import EncodedLog, EvalCase, LeaveOneOut
 from serving.evaluate import evaluate_split
-from serving.ordering import coverage, dpp, intra_list_diversity, mmr, xmmr
+from serving.ordering import coverage, diversify, dpp, intra_list_diversity
 from serving.reranker import (
     MISS,
     EncoderLike,
@@ -154,8 +155,9 @@ def mmr_slates(
         rows = np.maximum(cand[sl], 0)
         if ordering == "dpp":
             picks = dpp(scores[sl], vecs[rows], k, diversity)
-        elif ordering == "dcg":
-            picks = xmmr(
+        else:
+            picks = diversify(
+                ordering,
                 scores[sl],
                 vecs[rows],
                 k,
@@ -163,15 +165,6 @@ def mmr_slates(
                 categories=categories[rows] if categories is not None else None,
                 category_weight=category_weight,
                 temperature=temperature,
-            )
-        else:
-            picks = mmr(
-                scores[sl],
-                vecs[rows],
-                k,
-                diversity,
-                categories=categories[rows] if categories is not None else None,
-                category_weight=category_weight,
             )
         got = np.take_along_axis(cand[sl], np.maximum(picks, 0), axis=1)
         out[sl] = np.where(picks >= 0, got, -1)

@@ -7,6 +7,7 @@ import pytest
 
 from serving.ordering import (
     coverage,
+    diversify,
     dpp,
     dpp_reference,
     intra_list_diversity,
@@ -108,6 +109,8 @@ def test_expected_gain_keeps_likely_items_and_diversifies_the_tail() -> None:
     # Min-max MMR at the same weight puts cluster B's best (0.015 as likely as the best)
     # above item 1: after scaling by the range, 4.5 and 0.8 look alike.
     assert mmr(rel, vec, 4, 0.2)[0].tolist()[:2] == [0, 6]
+    assert diversify("dcg", rel, vec, 4, 0.2).tolist() == xmmr(rel, vec, 4, 0.2).tolist()
+    assert diversify("mmr", rel, vec, 4, 0.2).tolist() == mmr(rel, vec, 4, 0.2).tolist()
     # Logits: a constant added to a row changes nothing.
     assert xmmr(rel + 100.0, vec, 4, 0.2).tolist() == xmmr(rel, vec, 4, 0.2).tolist()
 
@@ -132,6 +135,10 @@ def test_helpers() -> None:
         ),
         (lambda: dpp(np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, -0.1), r"diversity in \[0, 1\]"),
         (lambda: xmmr(np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, 2.0), r"diversity in \[0, 1\]"),
+        (
+            lambda: diversify("dpp", np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, 0.5),
+            "ordering 'dcg' or 'mmr'",
+        ),
         (lambda: intra_list_diversity(np.zeros(3)), r"\(S, D\) or \(B, S, D\)"),
         (lambda: coverage([["a"]], 0), "n_items > 0"),
     ],
