@@ -106,8 +106,8 @@ class _Cached:
     """
 
     steps: int
-    first: Step
-    last: Step
+    first: tuple[str, int, int]  # (item, type id, ts) of a step: ``_step_key``
+    last: tuple[str, int, int]
     known: int
     last_ts: int
     kv: np.ndarray
@@ -115,7 +115,20 @@ class _Cached:
 
     def continued_by(self, history: Sequence[Step]) -> bool:
         n = self.steps
-        return len(history) >= n and history[0] == self.first and history[n - 1] == self.last
+        return (
+            len(history) >= n
+            and _step_key(history, 0) == self.first
+            and _step_key(history, n - 1) == self.last
+        )
+
+
+def _step_key(history: Sequence[Step], j: int) -> tuple[str, int, int]:
+    """Step ``j`` of ``history`` as ``(item, type id, ts)``; read from a :class:`History`'s
+    columns without building a ``Step`` (the cache checks two per user per batch)."""
+    if isinstance(history, History):
+        return history.items[j], history.type_ids[j], history.ts_ms[j]
+    s = history[j]
+    return s.item, EVENT_TYPE_ID.get(s.type, 0), s.ts_ms
 
 
 class EncoderCache:
@@ -325,7 +338,7 @@ class LoadedEncoder:
 
     @staticmethod
     def _moved(entry: _Cached, history: Sequence[Step]) -> _Cached:
-        return replace(entry, steps=len(history), last=history[-1])
+        return replace(entry, steps=len(history), last=_step_key(history, len(history) - 1))
 
     def _run(
         self,
@@ -367,18 +380,19 @@ class LoadedEncoder:
             buf[..., start : start + k, :] = new_kv[:, :, r, :, t_new - k :]
             history = histories[b]
             out[b] = vec[r]
-            last = history[-1]
-            last_ts = last.ts_ms
+            n = len(history)
+            last = _step_key(history, n - 1)
+            last_ts = last[2]
             items = step_items(history)
-            for j in range(len(items) - 1, -1, -1):
+            for j in range(n - 1, -1, -1):
                 if items[j] in vocab:
-                    last_ts = history[j].ts_ms
+                    last_ts = _step_key(history, j)[2]
                     break
             self.cache.put(
                 keys[b],
                 _Cached(
-                    steps=len(history),
-                    first=history[0],
+                    steps=n,
+                    first=_step_key(history, 0),
                     last=last,
                     known=start + k,
                     last_ts=last_ts,
