@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from serving.calibration import temperature_of
+from serving.calibration import slate_weight_of, temperature_of
 from serving.data import Features, ItemVocab, gap_bucket, sequence_features
 from serving.encoder import EncoderConfig, Past, SequenceEncoder, collate
 from serving.train import resolve_device
@@ -201,6 +201,11 @@ class LoadedEncoder:
         """Calibrated temperature of the retrieval scores (``serving.calibration``; 1.0 when
         the artifact was never calibrated)."""
         return temperature_of(self.config)
+
+    def slate_weight(self, ordering: str) -> float | None:
+        """Diversity weight chosen on validation for ``ordering`` over the retrieval scores
+        (``serving.calibration``); None when the artifact has none."""
+        return slate_weight_of(self.config, ordering)
 
     @property
     def max_len(self) -> int:

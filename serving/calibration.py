@@ -12,6 +12,13 @@ candidates (cases whose target was retrieved) over ``log T``, by golden-section 
 NLL is convex in ``1 / T``). The result is stored beside each artifact as serving metadata
 (``"calibration"`` in ``config.json`` / ``reranker.json``); it does not change the weights or
 the version id. A missing entry means ``T = 1``.
+
+Beside it, ``"slate"`` records the diversity weight chosen for that scorer on the same
+validation cases (``serving.slate_eval.calibrate``: the largest weight of a grid whose NDCG@10
+loss against pure relevance is within 2%). How much diversity costs depends on the catalogue
+(on Beauty with the reranker 0.15 costs 1.9% NDCG@10; on the demo's session-style shop without
+one it costs 10%), so the worker reads the weight from the model unless
+``STREAMREC_DIVERSITY`` is set. A missing entry means the settings' fallback.
 """
 
 from __future__ import annotations
@@ -108,11 +115,43 @@ def temperature_of(config: dict[str, Any]) -> float:
     return value
 
 
-def store_calibration(path: Path | str, calibration: Calibration) -> None:
-    """Write ``calibration`` into the artifact JSON at ``path`` (other keys untouched)."""
+@dataclass(frozen=True, slots=True)
+class SlateWeight:
+    """A diversity weight chosen on validation for one scorer and ordering."""
+
+    diversity: float
+    ordering: str
+    max_loss: float  # allowed relative NDCG@k loss against diversity 0
+    ndcg_change: float  # relative NDCG@k change at ``diversity`` (<= 0)
+    ild_change: float  # relative intra-list diversity change at ``diversity``
+    users: int  # validation cases the curve was measured on
+    k: int = 10
+    split: str = "valid"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def slate_weight_of(config: dict[str, Any], ordering: str) -> float | None:
+    """The diversity weight stored in an artifact's JSON for ``ordering``; None when it has
+    none (never chosen, or chosen for another ordering)."""
+    entry = config.get("slate")
+    if not isinstance(entry, dict) or entry.get("ordering") != ordering:
+        return None
+    value = float(entry.get("diversity", -1.0))
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{STAGE}: expected a stored diversity in [0, 1], got {value}")
+    return value
+
+
+def store_calibration(path: Path | str, calibration: Calibration | SlateWeight) -> None:
+    """Write ``calibration`` (a temperature, or a chosen slate weight) into the artifact JSON
+    at ``path`` (other keys untouched)."""
     p = Path(path)
     config = json.loads(p.read_text())
-    config["calibration"] = calibration.to_dict()
+    config["slate" if isinstance(calibration, SlateWeight) else "calibration"] = (
+        calibration.to_dict()
+    )
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp.replace(p)

@@ -371,11 +371,28 @@ class PipelineSettings(Protocol):
     @property
     def slate_size(self) -> int: ...
     @property
-    def diversity(self) -> float: ...
+    def diversity(self) -> float | None: ...
     @property
     def filter_seen(self) -> bool: ...
     @property
     def ordering(self) -> str: ...
+
+
+#: Diversity weight of a scorer that has none chosen on validation (``serving.calibration``).
+DEFAULT_DIVERSITY = 0.15
+
+
+def resolve_diversity(setting: float | None, ordering: str, scorer: object) -> tuple[float, str]:
+    """The slate's diversity weight and where it came from: ``setting`` when given, else the
+    weight chosen on validation for ``ordering`` and stored with ``scorer`` (its
+    ``slate_weight(ordering)``), else :data:`DEFAULT_DIVERSITY`."""
+    if setting is not None:
+        return setting, "settings"
+    stored = getattr(scorer, "slate_weight", None)
+    weight = stored(ordering) if callable(stored) else None
+    if weight is not None:
+        return float(weight), f"chosen on validation for {getattr(scorer, 'version', 'the model')}"
+    return DEFAULT_DIVERSITY, "default"
 
 
 class Pipeline:
@@ -422,6 +439,7 @@ class Pipeline:
             )
         self.encoder, self.index, self.catalog = encoder, index, catalog
         self.on_stage = on_stage
+        self.diversity_source = "argument"  # from_settings says which setting or artifact
         self.fresh, self.fresh_slots = fresh, max(0, min(fresh_slots, slate_size))
         rows = CatalogRows(catalog, index) if catalog is not None else None
         self.encode = EncodeStage(encoder, index, fallback_vector)
@@ -475,17 +493,23 @@ class Pipeline:
         **params: Any,
     ) -> Pipeline:
         """``from_encoder`` with candidates, slate_size, diversity, filter_seen and ordering
-        from settings."""
-        return cls.from_encoder(
+        from settings. Unset ``diversity`` is the weight stored with the scorer whose scores
+        the order stage sees (:func:`resolve_diversity`)."""
+        diversity, source = resolve_diversity(
+            settings.diversity, settings.ordering, params.get("reranker") or encoder
+        )
+        pipeline = cls.from_encoder(
             encoder,
             catalog,
             candidates=settings.candidates,
             slate_size=settings.slate_size,
-            diversity=settings.diversity,
+            diversity=diversity,
             filter_seen=settings.filter_seen,
             ordering=settings.ordering,
             **params,
         )
+        pipeline.diversity_source = source
+        return pipeline
 
     def _timed(self, name: str, t0: float) -> float:
         t1 = time.perf_counter()

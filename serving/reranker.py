@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from serving.calibration import temperature_of
+from serving.calibration import slate_weight_of, temperature_of
 from serving.configs import config_from_dict, config_to_dict
 from serving.data import EncodedLog, ItemVocab, LeaveOneOut, sequence_features
 from serving.encoder import SequenceEncoder, collate
@@ -479,8 +479,10 @@ class TransformerReranker:
         meta: dict[str, object] | None = None,
         device: str | torch.device = "cpu",
         temperature: float = 1.0,
+        slate: dict[str, Any] | None = None,
     ) -> None:
-        """``temperature``: calibrated temperature of the scores (``serving.calibration``)."""
+        """``temperature``: calibrated temperature of the scores; ``slate``: the diversity
+        weight chosen on validation for them (both ``serving.calibration``)."""
         if len(item_ids) != net.cfg.num_items:
             raise ValueError(
                 f"{STAGE}: expected {net.cfg.num_items} item ids for the reranker, "
@@ -492,12 +494,18 @@ class TransformerReranker:
         self.version = version
         self.meta = dict(meta or {})
         self.temperature = temperature
+        self.slate = dict(slate or {})
         self._row_ids: np.ndarray | None = None
         self._row_map = np.zeros(0, dtype=np.int64)
 
     @property
     def cfg(self) -> RerankerConfig:
         return self.net.cfg
+
+    def slate_weight(self, ordering: str) -> float | None:
+        """Diversity weight chosen on validation for ``ordering`` over these scores; None when
+        none was."""
+        return slate_weight_of({"slate": self.slate}, ordering)
 
     def _vocab_rows(self, row_ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(B, C) index rows -> vocabulary indices (0 = padding or unknown item).
@@ -702,6 +710,7 @@ def load_reranker(
         meta=meta if isinstance(meta, dict) else {},
         device=device,
         temperature=temperature_of(config),
+        slate=slate if isinstance(slate := config.get("slate"), dict) else None,
     )
 
 

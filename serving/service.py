@@ -94,6 +94,12 @@ class Recommender:
             fresh_slots=self.settings.fresh_slots,
             reranker=self.reranker,
         )
+        log.info(
+            "slate ordering %s, diversity %g (%s)",
+            self.settings.ordering,
+            pipeline.order.diversity,
+            pipeline.diversity_source,
+        )
         # Items the catalog already retired or marked unavailable stay out of the new index.
         blocked = [i for i in encoder.item_ids() if not self.catalog.is_available([i])[0]]
         if blocked:

@@ -28,13 +28,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from serving.calibration import Calibration, fit_temperature, store_calibration
+from serving.calibration import Calibration, SlateWeight, fit_temperature, store_calibration
 from serving.data import EncodedLog, EvalCase, LeaveOneOut
 from serving.evaluate import evaluate_split
 from serving.ordering import coverage, diversify, dpp, intra_list_diversity
@@ -218,6 +218,62 @@ def choose_diversity(
     return max(ok, key=lambda r: (r[f"ILD@{k}"], -r["diversity"]))
 
 
+#: Weights tried when choosing a scorer's diversity weight on validation (``calibrate``).
+WEIGHT_GRID: tuple[float, ...] = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3)
+#: Validation cases the weight's trade-off curve is measured on (a seeded subset above it).
+WEIGHT_USERS = 10_000
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What :func:`calibrate` fitted, per scorer ('retrieval', 'rerank')."""
+
+    fits: dict[str, Calibration]  # score temperatures
+    weights: dict[str, SlateWeight]  # diversity weights of the "dcg" ordering
+
+
+def choose_weight(
+    cand: np.ndarray,
+    scores: np.ndarray,
+    targets: np.ndarray,
+    item_vectors: np.ndarray,
+    *,
+    temperature: float,
+    max_loss: float = 0.02,
+    k: int = 10,
+    grid: Sequence[float] = WEIGHT_GRID,
+    users: int = WEIGHT_USERS,
+    seed: int = 0,
+) -> SlateWeight:
+    """The largest "dcg" weight of ``grid`` whose NDCG@k over ``cand``/``scores`` is within
+    ``max_loss`` (relative) of pure relevance (:func:`choose_diversity`), on a seeded subset of
+    at most ``users`` rows."""
+    rows = np.arange(len(cand))
+    if len(rows) > users:
+        rows = np.sort(np.random.default_rng(seed).choice(len(rows), users, replace=False))
+    curve = tradeoff_curve(
+        cand[rows],
+        scores[rows],
+        targets[rows],
+        item_vectors,
+        k=k,
+        grid=sorted({0.0, *grid}),
+        ordering="dcg",
+        temperature=temperature,
+    )
+    chosen = choose_diversity(curve, max_loss=max_loss, k=k)
+    base = curve[0]
+    return SlateWeight(
+        diversity=chosen["diversity"],
+        ordering="dcg",
+        max_loss=max_loss,
+        ndcg_change=_relative(chosen[f"NDCG@{k}"], base[f"NDCG@{k}"]) or 0.0,
+        ild_change=_relative(chosen[f"ILD@{k}"], base[f"ILD@{k}"]) or 0.0,
+        users=len(rows),
+        k=k,
+    )
+
+
 def calibrate(
     encoder: EncoderLike,
     split: LeaveOneOut,
@@ -225,11 +281,13 @@ def calibrate(
     reranker: TransformerReranker | None = None,
     candidates: int = 100,
     model_dir: Path | str | None = None,
-) -> dict[str, Calibration]:
+    max_loss: float = 0.02,
+) -> Calibrated:
     """Fit the temperature of the retrieval scores (and the reranker's) on the VALIDATION
-    cases' top-``candidates`` (``serving.calibration``). With ``model_dir`` the fits are stored
-    in its ``config.json`` / ``reranker.json``; the loaded ``encoder`` and ``reranker`` take
-    them at once either way."""
+    cases' top-``candidates`` (``serving.calibration``), then choose each scorer's "dcg"
+    diversity weight on the same cases at that temperature (:func:`choose_weight`, NDCG@10
+    loss within ``max_loss``). With ``model_dir`` both are stored in its ``config.json`` /
+    ``reranker.json``; the loaded ``encoder`` and ``reranker`` take them at once either way."""
     cases = split.cases("valid")
     if not cases:
         raise ValueError(f"{STAGE}: expected validation cases (users with >= 3 steps), got none")
@@ -241,18 +299,36 @@ def calibrate(
         candidates=candidates,
         seq_len=reranker.cfg.max_len if reranker is not None else 1,
     )
-    fits = {"retrieval": fit_temperature(logged.retrieval, logged.target_pos)}
+    scored = {"retrieval": logged.retrieval}
     if reranker is not None:
-        fits["rerank"] = fit_temperature(score_logged(reranker.net, logged), logged.target_pos)
+        scored["rerank"] = score_logged(reranker.net, logged)
+    fits = {name: fit_temperature(scores, logged.target_pos) for name, scores in scored.items()}
+    targets = np.array([log_.target(c) for c in cases], dtype=np.int64)
+    vectors = encoder.model.item_table().detach().float().cpu().numpy()
+    weights = {
+        name: choose_weight(
+            logged.cand,
+            scores,
+            targets,
+            vectors,
+            temperature=fits[name].temperature,
+            max_loss=max_loss,
+        )
+        for name, scores in scored.items()
+    }
+    if reranker is not None:
         reranker.temperature = fits["rerank"].temperature
+        reranker.slate = weights["rerank"].to_dict()
     config = getattr(encoder, "config", None)
     if isinstance(config, dict):
         config["calibration"] = fits["retrieval"].to_dict()
+        config["slate"] = weights["retrieval"].to_dict()
     if model_dir is not None:
-        store_calibration(Path(model_dir) / "config.json", fits["retrieval"])
-        if "rerank" in fits:
-            store_calibration(Path(model_dir) / "reranker.json", fits["rerank"])
-    return fits
+        for name, file in (("retrieval", "config.json"), ("rerank", "reranker.json")):
+            if name in fits:
+                store_calibration(Path(model_dir) / file, fits[name])
+                store_calibration(Path(model_dir) / file, weights[name])
+    return Calibrated(fits, weights)
 
 
 def _relative(new: float, old: float) -> float | None:

@@ -240,6 +240,7 @@ def _run(
     worker = WorkerProcess(settings, workdir / "worker.log")
     timeline = workdir / "timeline.jsonl"
     with worker, OutputCollector(settings, on_recommendation=show) as collector:
+        worker.wait_assigned(timeout_s=60)
         with TimelineRecorder(worker.metrics_url, collector, timeline):
             started = time.perf_counter()
             sent = produce_records(producer, settings.topic_events, _with_noise(replay), rate=rate)

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.error import URLError
 from urllib.request import urlopen
 
+from streamrec.replay import scrape_metrics
 from streamrec.settings import Settings
 
 
@@ -82,6 +83,31 @@ class WorkerProcess:
                 time.sleep(0.2)
         raise RuntimeError(
             f"worker metrics endpoint {self.metrics_url} not up after {timeout_s:.0f} s; "
+            f"last log lines:\n{self.tail()}"
+        )
+
+    def wait_assigned(self, timeout_s: float) -> None:
+        """Wait until the worker reports lag for a partition of the events topic: it has its
+        partitions and has fetched from them. Its metrics endpoint is up a second or two
+        earlier, and events sent in between wait for the worker (a demo would show that wait
+        as latency)."""
+        want = f'topic="{self.settings.topic_events}"'
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"worker exited with code {self.proc.returncode} during start-up; "
+                    f"last log lines:\n{self.tail()}"
+                )
+            try:
+                metrics = scrape_metrics(self.metrics_url, timeout=1.0)
+            except (URLError, OSError):
+                metrics = {}
+            if any(k.startswith("streamrec_consumer_lag_messages{") and want in k for k in metrics):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(
+            f"worker got no partition of {self.settings.topic_events} within {timeout_s:.0f} s; "
             f"last log lines:\n{self.tail()}"
         )
 

@@ -53,8 +53,12 @@ class Settings(BaseSettings):
     batch_within_s: float = Field(0.02, gt=0, description="max wait to fill a micro-batch")
     slate_size: int = Field(10, ge=1, le=200)
     candidates: int = Field(200, ge=1, le=2000)
-    diversity: float = Field(
-        0.15, ge=0.0, le=1.0, description="weight on diversity in the slate ordering (0 = off)"
+    diversity: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="weight on diversity in the slate ordering (0 = off); unset: the weight "
+        "chosen on validation and stored with the model, else 0.15",
     )
     ordering: Literal["dcg", "mmr"] = Field(
         "dcg", description="slate ordering: dcg (expected-gain MMR) or mmr (min-max MMR)"

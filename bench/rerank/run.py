@@ -236,7 +236,7 @@ def main(
     fits = calibrate(
         encoder, split, reranker=result.reranker, candidates=candidates, model_dir=model_dir
     )
-    console.print({name: cal.to_dict() for name, cal in fits.items()})
+    console.print({name: cal.to_dict() for name, cal in fits.fits.items()})
     valid = evaluate_slates(
         encoder,
         split,
@@ -273,7 +273,8 @@ def main(
             "version": encoder.version,
             "metrics": encoder.config.get("metrics", {}),
         },
-        "calibration": {name: cal.to_dict() for name, cal in fits.items()},
+        "calibration": {name: cal.to_dict() for name, cal in fits.fits.items()},
+        "slate_weight": {name: w.to_dict() for name, w in fits.weights.items()},
         "reranker": {
             "version": version,
             "config": result.reranker.cfg.to_dict(),

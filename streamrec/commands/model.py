@@ -105,6 +105,7 @@ def train(
     if split.cases("valid"):
         from serving.artifacts import load_model
         from serving.slate_eval import calibrate
+        from streamrec.commands.rerank import echo_calibrated
 
         n_items = len(vocab.ids)
         try:
@@ -112,11 +113,7 @@ def train(
         except ValueError as exc:  # e.g. no validation target retrieved: T stays 1
             typer.secho(f"calibration skipped: {exc}", err=True, fg=typer.colors.YELLOW)
         else:
-            fit = cal["retrieval"]
-            typer.echo(
-                f"retrieval scores: temperature {fit.temperature:.3f} (validation NLL over "
-                f"the top {fit.candidates}: {fit.nll_at_1:.4f} at 1.0 -> {fit.nll:.4f})"
-            )
+            echo_calibrated(cal)
 
 
 def evaluate(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from serving.slate_eval import Calibrated
 
 FORMAT_HELP = "s3rec | ml-100k | ml-1m | rechorus | yoochoose | events"
 
@@ -75,15 +78,19 @@ def train_reranker(
     except ValueError as exc:  # e.g. no validation target retrieved: T stays 1
         typer.secho(f"calibration skipped: {exc}", err=True, fg=typer.colors.YELLOW)
     else:
-        _echo_fits(fits)
+        echo_calibrated(fits)
     typer.echo(f"saved {version} to {model}")
 
 
-def _echo_fits(fits: dict[str, Any]) -> None:
-    for name, cal in fits.items():
+def echo_calibrated(result: Calibrated) -> None:
+    """One line per scorer: its fitted temperature and its chosen diversity weight."""
+    for name, cal in result.fits.items():
+        w = result.weights[name]
         typer.echo(
             f"{name} scores: temperature {cal.temperature:.3f} (validation NLL "
-            f"{cal.nll_at_1:.4f} at 1.0 -> {cal.nll:.4f}, {cal.cases} cases)"
+            f"{cal.nll_at_1:.4f} at 1.0 -> {cal.nll:.4f}, {cal.cases} cases); diversity "
+            f"weight {w.diversity:g} (NDCG@{w.k} {w.ndcg_change:+.1%}, ILD@{w.k} "
+            f"{w.ild_change:+.1%} on {w.users} validation users)"
         )
 
 
@@ -94,8 +101,9 @@ def calibrate(
     candidates: Annotated[int, typer.Option(help="C retrieved per validation case")] = 100,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
 ) -> None:
-    """Fit the score temperatures the "dcg" slate ordering reads (validation split) and store
-    them beside the encoder and reranker (weights and versions unchanged)."""
+    """Fit the score temperatures the "dcg" slate ordering reads and choose its diversity weight
+    (validation split: the largest within 2% NDCG@10 of pure relevance); store both beside the
+    encoder and reranker (weights and versions unchanged)."""
     import torch
 
     from serving.artifacts import ArtifactError, load_model
@@ -111,7 +119,7 @@ def calibrate(
         fits = fit(encoder, split, reranker=reranker, candidates=candidates, model_dir=model)
     except (ArtifactError, RerankerError, DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
-    _echo_fits(fits)
+    echo_calibrated(fits)
     typer.echo(f"stored in {model}")
 
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.calibration import fit_temperature, store_calibration, temperature_of
+from serving.calibration import (
+    SlateWeight,
+    fit_temperature,
+    slate_weight_of,
+    store_calibration,
+    temperature_of,
+)
 from serving.ordering import xmmr, xmmr_reference
 
 
@@ -49,6 +55,21 @@ def test_stored_beside_the_artifact(tmp_path: Path) -> None:
     assert temperature_of(config) == config["calibration"]["temperature"] > 0
     with pytest.raises(ValueError, match="temperature > 0"):
         temperature_of({"calibration": {"temperature": 0.0}})
+
+
+def test_slate_weight_stored_beside_the_temperature(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"version": "enc-x", "calibration": {"temperature": 1.5}}))
+    assert slate_weight_of(json.loads(path.read_text()), "dcg") is None  # never chosen
+    weight = SlateWeight(0.08, "dcg", 0.02, -0.0193, 0.214, 500)
+    store_calibration(path, weight)
+    config = json.loads(path.read_text())
+    assert temperature_of(config) == 1.5  # the temperature is untouched
+    assert config["slate"]["users"] == 500
+    assert slate_weight_of(config, "dcg") == 0.08
+    assert slate_weight_of(config, "mmr") is None  # chosen for another ordering
+    with pytest.raises(ValueError, match=r"stored diversity in \[0, 1\], got 1.5"):
+        slate_weight_of({"slate": {"ordering": "dcg", "diversity": 1.5}}, "dcg")
 
 
 def test_ordering_reads_logits_at_the_temperature() -> None:

@@ -36,6 +36,7 @@ from serving.reranker import (
 )
 from serving.slate_eval import calibrate
 from serving.types import EVENT_TYPES, Step
+from streamrec.settings import Settings
 
 torch.set_num_threads(1)
 FAST = RerankTrainConfig(candidates=20, prefixes=2, epochs=3, patience=3, batch_size=32)
@@ -493,7 +494,7 @@ def test_calibration_is_stored_beside_both_models_and_read_by_the_pipeline(
     fits = calibrate(
         encoder, leave_one_out(tiny_log), reranker=loaded, candidates=20, model_dir=model_dir
     )
-    t_enc, t_rr = fits["retrieval"].temperature, fits["rerank"].temperature
+    t_enc, t_rr = fits.fits["retrieval"].temperature, fits.fits["rerank"].temperature
     assert encoder.temperature == pytest.approx(t_enc, rel=1e-4)  # in memory at once
     assert loaded.temperature == t_rr
     again, again_rr = load_model(model_dir, device="cpu"), load_reranker(model_dir)
@@ -505,3 +506,18 @@ def test_calibration_is_stored_beside_both_models_and_read_by_the_pipeline(
     with_rr = Pipeline.from_encoder(again, reranker=again_rr)
     assert with_rr.order.temperature == pytest.approx(t_rr, rel=1e-4)
     assert Pipeline.from_encoder(again).order.temperature == pytest.approx(t_enc, rel=1e-4)
+    # ... and so does the diversity weight chosen on validation, unless the settings give one.
+    w_enc, w_rr = fits.weights["retrieval"], fits.weights["rerank"]
+    assert (again.slate_weight("dcg"), again_rr.slate_weight("dcg")) == (
+        w_enc.diversity,
+        w_rr.diversity,
+    )
+    assert again.slate_weight("mmr") is None  # chosen for "dcg" only
+    assert w_rr.ndcg_change >= -w_rr.max_loss
+    chosen = Pipeline.from_settings(again, None, Settings(), reranker=again_rr)
+    assert chosen.order.diversity == w_rr.diversity
+    assert chosen.diversity_source.startswith("chosen on validation")
+    given = Pipeline.from_settings(again, None, Settings(diversity=0.3), reranker=again_rr)
+    assert (given.order.diversity, given.diversity_source) == (0.3, "settings")
+    other = Pipeline.from_settings(again, None, Settings(ordering="mmr"), reranker=again_rr)
+    assert (other.order.diversity, other.diversity_source) == (0.15, "default")

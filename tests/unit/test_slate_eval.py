@@ -16,7 +16,9 @@ from serving.encoder import EncoderConfig, SequenceEncoder
 from serving.evaluate import evaluate_split
 from serving.reranker import MISS, RerankTrainConfig, train_reranker
 from serving.slate_eval import (
+    WEIGHT_GRID,
     choose_diversity,
+    choose_weight,
     evaluate_slates,
     mmr_slates,
     plot_tradeoff,
@@ -85,6 +87,37 @@ def test_choose_diversity() -> None:
     assert choose_diversity(curve, max_loss=0.0)["diversity"] == 0.0
     with pytest.raises(ValueError, match=r"diversity 0\.0 row"):
         choose_diversity(curve[1:])
+
+
+def test_choose_weight_is_the_largest_within_the_loss() -> None:
+    """Candidates in two directions; the likely ones share one, so diversity costs NDCG."""
+    rng = np.random.default_rng(5)
+    n_items, users, c = 60, 400, 30
+    vecs = np.zeros((n_items + 1, 2), np.float32)
+    vecs[1:31, 0], vecs[31:, 1] = 1.0, 1.0
+    vecs[1:] += rng.normal(0, 0.1, (n_items, 2)).astype(np.float32)
+    cand = np.stack([rng.permutation(np.arange(1, n_items + 1))[:c] for _ in range(users)])
+    scores = np.where(cand <= 30, 2.0, 0.0) + rng.normal(0, 1.0, cand.shape)
+    p = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+    targets = np.array([row[rng.choice(c, p=pr)] for row, pr in zip(cand, p, strict=True)])
+
+    def ndcg(w: float) -> float:
+        slates = mmr_slates(cand, scores, vecs, 10, w, ordering="dcg")
+        return slate_metrics(slates, targets, vecs, 10)["NDCG@10"]
+
+    got = choose_weight(cand, scores, targets, vecs, temperature=1.0, max_loss=0.02)
+    base, at = ndcg(0.0), ndcg(got.diversity)
+    assert got.diversity > 0.0
+    assert at >= 0.98 * base  # within the loss...
+    assert got.ndcg_change == pytest.approx(at / base - 1.0, abs=1e-4)
+    assert got.ild_change > 0
+    larger = [w for w in WEIGHT_GRID if w > got.diversity]
+    assert larger
+    assert all(ndcg(w) < 0.98 * base for w in larger)  # ... and the largest such
+    assert (got.ordering, got.users, got.max_loss) == ("dcg", users, 0.02)
+    strict = choose_weight(cand, scores, targets, vecs, temperature=1.0, max_loss=0.0, users=100)
+    assert strict.users == 100
+    assert strict.ndcg_change >= 0.0
 
 
 @pytest.fixture
