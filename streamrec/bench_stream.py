@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,11 @@ def run_stream_bench(
     sweep: list[int],
     sweep_events: int,
     workdir: Path,
+    reranker: bool = False,
 ) -> dict[str, Any]:
+    """``reranker``: also run the full pipeline with a Transformer reranker trained on the
+    same shop (its own encoder copy, ``workdir/model-rerank``) right after the run without
+    one, and report the ratio of the two."""
     workdir.mkdir(parents=True, exist_ok=True)
     kafka = LocalKafka.from_settings(base)
     was_running = kafka.status().running
@@ -212,10 +217,10 @@ def run_stream_bench(
             n_items=2000, n_users=max(1000, n_events // 20), events_per_user=20, seed=3
         )
         model_dir = workdir / "model"
+        train = workdir / "train.jsonl"
+        if not train.exists():
+            write_jsonl(shop.events[: min(len(shop.events), 60000)], train)
         if not (model_dir / "config.json").exists():
-            train = write_jsonl(
-                shop.events[: min(len(shop.events), 60000)], workdir / "train.jsonl"
-            )
             _train(
                 console,
                 train,
@@ -225,6 +230,20 @@ def run_stream_bench(
                 workdir / "train.log",
                 ("--dim", "64", "--dropout", "0.1", "--patience", "3"),
             )
+        rerank_dir = workdir / "model-rerank"
+        if reranker and not (rerank_dir / "reranker.json").exists():
+            shutil.rmtree(rerank_dir, ignore_errors=True)
+            shutil.copytree(model_dir, rerank_dir)
+            _train(
+                console,
+                train,
+                "events",
+                rerank_dir,
+                5,
+                workdir / "train-reranker.log",
+                ("--prefixes", "5", "--patience", "2"),
+                command="train-reranker",
+            )
         settings = settings.model_copy(update={"model_dir": model_dir.resolve()})
         # Interleave users as live traffic would (make_shop lists them user by user).
         ordered = sorted(shop.events, key=lambda e: e["ts"])
@@ -233,6 +252,11 @@ def run_stream_bench(
         ref = _one_run(settings, events, workdir, "passthrough", True, [])
         console.print(f"full pipeline: {len(events)} events...")
         full = _one_run(settings, events, workdir, "full", False, shop.items)
+        reranked = None
+        if reranker:
+            console.print(f"full pipeline with the reranker: {len(events)} events...")
+            s_rr = settings.model_copy(update={"model_dir": rerank_dir.resolve()})
+            reranked = _one_run(s_rr, events, workdir, "full-rerank", False, shop.items)
         runs = []
         for size in sweep:
             console.print(f"sweep: batch size {size}...")
@@ -241,6 +265,7 @@ def run_stream_bench(
     finally:
         if not was_running:
             kafka.stop()
+    extra = [reranked] if reranked is not None else []
     report: dict[str, Any] = {
         "machine": _machine(),
         "passthrough": ref,
@@ -253,7 +278,7 @@ def run_stream_bench(
         ),
         "sweep": runs,
         "accounting": {
-            "ok": full["accounting"]["ok"] and all(r["accounting"]["ok"] for r in runs),
+            "ok": all(r["accounting"]["ok"] for r in [full, *extra, *runs]),
             "full": full["accounting"],
         },
         "targets": {
@@ -262,13 +287,19 @@ def run_stream_bench(
             "ratio>=0.5": full["events_per_s"] / ref["events_per_s"] >= 0.5,
         },
     }
+    if reranked is not None:
+        report["full_rerank"] = reranked
+        report["ratio_rerank_to_full"] = round(reranked["events_per_s"] / full["events_per_s"], 3)
+        report["accounting"]["full_rerank"] = reranked["accounting"]
+        report["targets"]["rerank_events_per_s>=5000"] = reranked["events_per_s"] >= 5000
+        report["targets"]["rerank_p99_ms<=100"] = reranked["latency_ms"]["p99"] <= 100
     write_json(json_out, report)
     if runs:
         _plot_sweep(runs, json_out.with_suffix(".png"))
     table = Table(title="stream benchmark")
     for col in ("run", "batch", "events/s", "p50 ms", "p99 ms", "p99.9 ms"):
         table.add_column(col, justify="right")
-    for r in [ref, full, *runs]:
+    for r in [ref, full, *extra, *runs]:
         lat = r["latency_ms"]
         table.add_row(
             r["label"],
@@ -283,6 +314,13 @@ def run_stream_bench(
         f"full/passthrough throughput ratio: {report['ratio_full_to_passthrough']:.2f}; "
         f"accounting ok: {report['accounting']['ok']}; report: {json_out}"
     )
+    if reranked is not None:
+        stages = reranked.get("stage_seconds_mean", {})
+        console.print(
+            f"with the reranker / without: {report['ratio_rerank_to_full']:.2f} of the "
+            f"throughput; rerank stage {stages.get('rerank', float('nan')):.1f} ms per batch "
+            f"(without: {full.get('stage_seconds_mean', {}).get('rerank', float('nan')):.1f})"
+        )
     return report
 
 

@@ -52,30 +52,34 @@ def _train(
     epochs: int,
     log: Path,
     extra: tuple[str, ...] = (),
+    command: str = "train",
 ) -> None:
+    """Run ``streamrec train`` (``--out out``) or ``streamrec train-reranker`` (``--model out``,
+    an encoder directory the reranker is saved into) as a subprocess logging to ``log``."""
+    target = "--out" if command == "train" else "--model"
     cmd = [
         sys.executable,
         "-m",
         "streamrec",
-        "train",
+        command,
         "--data",
         str(data),
         "--format",
         fmt,
-        "--out",
+        target,
         str(out),
         "--epochs",
         str(epochs),
         "--no-progress",
         *extra,
     ]
-    console.print(f"[dim]$ streamrec train --data {data} --format {fmt} --out {out}[/]")
+    console.print(f"[dim]$ streamrec {command} --data {data} --format {fmt} {target} {out}[/]")
     started = time.perf_counter()
     with log.open("w") as fh:
         rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise DemoError(f"training failed (exit {rc}); last lines of {log}:\n{tail}")
+        raise DemoError(f"{command} failed (exit {rc}); last lines of {log}:\n{tail}")
     console.print(f"  trained in {time.perf_counter() - started:.0f} s -> {out}")
 
 

@@ -82,6 +82,9 @@ def bench_stream(
     ),
     sweep_events: Annotated[int, typer.Option(help="Events per sweep run")] = 15000,
     workdir: Annotated[Path, typer.Option()] = Path("runs/bench"),
+    reranker: Annotated[
+        bool, typer.Option(help="Also run the full pipeline with a trained reranker (A/B)")
+    ] = False,
 ) -> None:
     """Replay N events at full speed through the real broker; compare with a passthrough."""
     from streamrec.bench_stream import run_stream_bench
@@ -95,6 +98,7 @@ def bench_stream(
         sweep=sizes,
         sweep_events=sweep_events,
         workdir=workdir,
+        reranker=reranker,
     )
     if not report["accounting"]["ok"]:
         _fail(f"accounting sums do not hold: {json.dumps(report['accounting'])}")
