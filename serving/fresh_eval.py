@@ -111,6 +111,7 @@ class SlateSetup:
     diversity: float = 0.0
     filter_seen: bool = True
     ordering: str = "dcg"
+    rerank_candidates: int | None = None
 
 
 def pipeline_slates(

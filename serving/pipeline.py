@@ -230,12 +230,50 @@ class FilterStage:
 
 
 class RerankStage:
+    """Scores each user's candidates with the reranker.
+
+    ``top``: rerank only each user's ``top`` best candidates by retrieval score (a reranker
+    trained on the top-100 has never seen rank 150, and its cost grows with C, the
+    candidates' self-attention with C squared); the others keep their retrieval order below
+    every reranked candidate. None reranks all of them.
+    """
+
     name: ClassVar[str] = "rerank"
 
-    def __init__(self, reranker: Reranker) -> None:
+    def __init__(self, reranker: Reranker, top: int | None = None) -> None:
+        if top is not None and top < 1:
+            raise ValueError(f"{self.name}: expected top >= 1 or None, got {top}")
         self.reranker = reranker
+        self.top = top
 
     def __call__(self, cands: Candidates) -> Candidates:
+        c = cands.rows.shape[1]
+        if self.top is None or self.top >= c:
+            return replace(cands, scores=self._score(cands))
+        order = np.argsort(-cands.retrieval_scores, axis=1, kind="stable")
+        head, tail = order[:, : self.top], order[:, self.top :]
+
+        def cols(x: np.ndarray, at: np.ndarray) -> np.ndarray:
+            return np.take_along_axis(x, at, axis=1)
+
+        sub = replace(
+            cands,
+            rows=cols(cands.rows, head),
+            retrieval_scores=cols(cands.retrieval_scores, head),
+            scores=cols(cands.scores, head),
+        )
+        top_scores = self._score(sub)
+        floor = np.where(np.isfinite(top_scores), top_scores, np.inf).min(axis=1, keepdims=True)
+        floor = np.where(np.isfinite(floor), floor, 0.0)
+        retr = cols(cands.retrieval_scores, tail)
+        # Below every reranked candidate, in retrieval order (tanh keeps them within 1).
+        rest = np.where(np.isfinite(retr), floor - 1.0 + np.tanh(retr) * 0.5, -np.inf)
+        scores = np.empty(cands.rows.shape, dtype=np.float32)
+        np.put_along_axis(scores, head, top_scores, axis=1)
+        np.put_along_axis(scores, tail, rest.astype(np.float32), axis=1)
+        return replace(cands, scores=np.where(cands.valid, scores, -np.inf).astype(np.float32))
+
+    def _score(self, cands: Candidates) -> np.ndarray:
         scores = np.asarray(self.reranker.score(cands.requests, cands), dtype=np.float32)
         if scores.shape != cands.rows.shape:
             raise ValueError(
@@ -248,7 +286,7 @@ class RerankStage:
                 f"{self.name}: {type(self.reranker).__name__} returned NaN or infinite scores "
                 "for valid candidates"
             )
-        return replace(cands, scores=np.where(valid, scores, -np.inf).astype(np.float32))
+        return np.where(valid, scores, -np.inf).astype(np.float32)
 
 
 #: Diversity orderings of the order stage (``serving.ordering``).
@@ -376,6 +414,8 @@ class PipelineSettings(Protocol):
     def filter_seen(self) -> bool: ...
     @property
     def ordering(self) -> str: ...
+    @property
+    def rerank_candidates(self) -> int | None: ...
 
 
 #: Diversity weight of a scorer that has none chosen on validation (``serving.calibration``).
@@ -419,7 +459,10 @@ class Pipeline:
         ordering: str = "dcg",
         fresh: FreshItems | None = None,
         fresh_slots: int = 1,
+        rerank_top: int | None = None,
     ) -> None:
+        """``rerank_top``: candidates per user the reranker scores (``RerankStage``); None:
+        as many as the reranker was trained on (its ``trained_candidates``), else all."""
         if encoder.dim != index.dim:
             raise ValueError(
                 f"pipeline: expected encoder dim == index dim, got {encoder.dim} and {index.dim}"
@@ -447,7 +490,9 @@ class Pipeline:
         self.filter = FilterStage(
             index, rows, filter_seen=filter_seen, exclude_trigger=exclude_trigger
         )
-        self.rerank = RerankStage(reranker or RetrievalScoreReranker())
+        if rerank_top is None:
+            rerank_top = getattr(reranker, "trained_candidates", None)
+        self.rerank = RerankStage(reranker or RetrievalScoreReranker(), rerank_top)
         self.order = OrderStage(
             index,
             rows,
@@ -506,6 +551,7 @@ class Pipeline:
             diversity=diversity,
             filter_seen=settings.filter_seen,
             ordering=settings.ordering,
+            rerank_top=settings.rerank_candidates,
             **params,
         )
         pipeline.diversity_source = source

@@ -502,6 +502,14 @@ class TransformerReranker:
     def cfg(self) -> RerankerConfig:
         return self.net.cfg
 
+    @property
+    def trained_candidates(self) -> int | None:
+        """Retrieval candidates per case it was trained on (``RerankTrainConfig.candidates``),
+        None when the artifact does not say."""
+        train = self.meta.get("train")
+        value = train.get("candidates") if isinstance(train, dict) else None
+        return int(value) if isinstance(value, int) and value > 0 else None
+
     def slate_weight(self, ordering: str) -> float | None:
         """Diversity weight chosen on validation for ``ordering`` over these scores; None when
         none was."""

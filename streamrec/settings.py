@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     batch_within_s: float = Field(0.02, gt=0, description="max wait to fill a micro-batch")
     slate_size: int = Field(10, ge=1, le=200)
     candidates: int = Field(200, ge=1, le=2000)
+    rerank_candidates: int | None = Field(
+        None,
+        ge=1,
+        le=2000,
+        description="candidates per user the reranker scores (the best by retrieval); unset: "
+        "as many as it was trained on",
+    )
     diversity: float | None = Field(
         None,
         ge=0.0,

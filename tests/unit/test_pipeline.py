@@ -192,6 +192,45 @@ def test_custom_reranker_drives_the_order(world: tuple[MeanEncoder, Catalog]) ->
     assert isinstance(base.rerank.reranker, RetrievalScoreReranker)
 
 
+class Recording(Reversed):
+    """Reverses the retrieval order and records how many candidates it was asked about."""
+
+    trained_candidates = 8
+
+    def __init__(self) -> None:
+        self.widths: list[int] = []
+
+    def score(self, requests: Sequence[SlateRequest], candidates: Candidates) -> np.ndarray:
+        self.widths.append(candidates.rows.shape[1])
+        return super().score(requests, candidates)
+
+
+def test_reranker_scores_only_the_best_retrieved(world: tuple[MeanEncoder, Catalog]) -> None:
+    encoder, catalog = world
+    req = [SlateRequest("u", steps(["c6-1"])), SlateRequest("v", steps(["c2-3", "c2-4"]))]
+    base = Pipeline.from_encoder(encoder, catalog, diversity=0.0, candidates=20, slate_size=20)
+    retrieved = [s.item_ids for s in base.recommend(req)]
+    rec = Recording()
+    # Default: as many as the reranker was trained on (8 of the 20 retrieved).
+    pipe = Pipeline.from_encoder(
+        encoder, catalog, diversity=0.0, candidates=20, slate_size=20, reranker=rec
+    )
+    assert pipe.rerank.top == 8
+    got = [s.item_ids for s in pipe.recommend(req)]
+    assert rec.widths == [8]
+    for slate, order in zip(got, retrieved, strict=True):
+        assert slate[:8] == order[:8][::-1]  # reranked (reversed) on top...
+        assert slate[8:] == order[8:]  # ... the rest below, in retrieval order
+    # An explicit width wins; one at least C reranks everything.
+    wide = Pipeline.from_encoder(
+        encoder, catalog, diversity=0.0, candidates=20, slate_size=20, reranker=rec, rerank_top=50
+    )
+    assert [s.item_ids for s in wide.recommend(req)] == [r[::-1] for r in retrieved]
+    assert rec.widths[-1] == 20
+    with pytest.raises(ValueError, match="top >= 1"):
+        Pipeline.from_encoder(encoder, reranker=rec, rerank_top=0)
+
+
 class BadShape:
     def score(self, requests: Sequence[SlateRequest], candidates: Candidates) -> np.ndarray:
         return np.zeros((1, 1))
@@ -237,6 +276,7 @@ class FakeSettings:
     diversity = 0.0
     filter_seen = False
     ordering = "mmr"
+    rerank_candidates: int | None = None
 
 
 def test_from_settings(world: tuple[MeanEncoder, Catalog]) -> None:
@@ -244,6 +284,7 @@ def test_from_settings(world: tuple[MeanEncoder, Catalog]) -> None:
     pipe = Pipeline.from_settings(encoder, catalog, FakeSettings())
     assert pipe.retrieve.candidates == 30
     assert pipe.order.ordering == "mmr"
+    assert pipe.rerank.top is None  # the pass-through stage scores every candidate
     assert len(pipe.recommend([SlateRequest("u", steps(["c0-1"]))])[0].item_ids) == 4
 
 
