@@ -95,10 +95,14 @@ class Recommender:
             reranker=self.reranker,
         )
         log.info(
-            "slate ordering %s, diversity %g (%s)",
+            "slate ordering %s, diversity %g (%s); %s",
             self.settings.ordering,
             pipeline.order.diversity,
             pipeline.diversity_source,
+            "no reranker"
+            if self.reranker is None
+            else f"reranker {getattr(self.reranker, 'version', '?')} scores the top "
+            f"{pipeline.rerank.top or self.settings.candidates} candidates",
         )
         # Items the catalog already retired or marked unavailable stay out of the new index.
         blocked = [i for i in encoder.item_ids() if not self.catalog.is_available([i])[0]]
