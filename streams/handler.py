@@ -228,7 +228,8 @@ class EventBatchHandler:
 
         ``slates`` is aligned with ``prepared.users``; when the recommender failed
         (``error``), every accepted event goes to the DLQ with ``pipeline_error`` and sessions
-        are still saved, so history is not lost.
+        are still saved, so history is not lost. ``model_version`` / ``index_version`` label
+        slates that do not carry their own (``serving.pipeline.Slate`` does).
         """
         users = list(prepared.users.values())
         writes: list[tuple[str, dict[str, Any], Any]] = []
@@ -294,8 +295,10 @@ class EventBatchHandler:
                         zip(slate.item_ids, slate.scores, strict=True), start=1
                     )
                 ],
-                "model_version": model_version,
-                "index_version": index_version,
+                # The versions of the pipeline that made this slate: a hot swap landing
+                # between the model call and here must not relabel it.
+                "model_version": getattr(slate, "model_version", "") or model_version,
+                "index_version": getattr(slate, "index_version", "") or index_version,
                 "event_ts": trigger.ts,
                 "generated_at": now_ms,
                 "latency_ms": float(max(0, now_ms - trigger.ts)),

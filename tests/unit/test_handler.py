@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from schemas.codec import Limits, decode_dead_letter, decode_recommendation
+from serving.pipeline import Slate
 from serving.session import SessionState
 from streamrec.metrics import Metrics
 from streams.handler import EventBatchHandler, InMessage
@@ -148,3 +149,21 @@ def test_slate_count_mismatch_is_a_pipeline_error(handler: EventBatchHandler) ->
     letter = decode_dead_letter(done.dead_letters[0].value)
     assert letter.error == "pipeline_error"
     assert "expected 1 slates, got 0" in letter.detail
+
+
+def test_slates_keep_the_versions_of_the_pipeline_that_made_them(
+    handler: EventBatchHandler,
+) -> None:
+    """A model swap between the model call and ``finish`` must not relabel the batch."""
+    store = Store()
+    prepared = handler.prepare(
+        [msg(0, event("e1")), msg(1, event("e2", user="u2", item="c"), key=b"u2")], store.get
+    )
+    slates = [
+        Slate("u1", ["b"], [1.0], model_version="enc-old", index_version="idx-old"),
+        FakeSlate(["a"], [1.0]),  # carries none: labelled with the given versions
+    ]
+    done = handler.finish(prepared, slates, model_version="enc-new", index_version="idx-new")
+    recs = {r.key: decode_recommendation(r.value) for r in done.recommendations}
+    assert (recs[b"u1"].model_version, recs[b"u1"].index_version) == ("enc-old", "idx-old")
+    assert (recs[b"u2"].model_version, recs[b"u2"].index_version) == ("enc-new", "idx-new")
