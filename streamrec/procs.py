@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.error import URLError
 from urllib.request import urlopen
@@ -68,7 +69,9 @@ class WorkerProcess:
         self.wait_metrics(timeout_s)
         return self
 
-    def wait_metrics(self, timeout_s: float) -> None:
+    def _poll_start(self, timeout_s: float, ready: Callable[[], bool], waiting_for: str) -> None:
+        """Call ``ready`` every 0.2 s until it is true; fail if the worker exits first or
+        ``timeout_s`` passes."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -76,15 +79,22 @@ class WorkerProcess:
                     f"worker exited with code {self.proc.returncode} during start-up; "
                     f"last log lines:\n{self.tail()}"
                 )
+            if ready():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(
+            f"worker: {waiting_for} not within {timeout_s:.0f} s; last log lines:\n{self.tail()}"
+        )
+
+    def wait_metrics(self, timeout_s: float) -> None:
+        def up() -> bool:
             try:
                 with urlopen(self.metrics_url, timeout=1):
-                    return
+                    return True
             except (URLError, OSError):
-                time.sleep(0.2)
-        raise RuntimeError(
-            f"worker metrics endpoint {self.metrics_url} not up after {timeout_s:.0f} s; "
-            f"last log lines:\n{self.tail()}"
-        )
+                return False
+
+        self._poll_start(timeout_s, up, f"metrics endpoint {self.metrics_url} up")
 
     def wait_assigned(self, timeout_s: float) -> None:
         """Wait until the worker reports lag for a partition of the events topic: it has its
@@ -92,24 +102,17 @@ class WorkerProcess:
         earlier, and events sent in between wait for the worker (a demo would show that wait
         as latency)."""
         want = f'topic="{self.settings.topic_events}"'
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"worker exited with code {self.proc.returncode} during start-up; "
-                    f"last log lines:\n{self.tail()}"
-                )
+
+        def assigned() -> bool:
             try:
                 metrics = scrape_metrics(self.metrics_url, timeout=1.0)
             except (URLError, OSError):
-                metrics = {}
-            if any(k.startswith("streamrec_consumer_lag_messages{") and want in k for k in metrics):
-                return
-            time.sleep(0.2)
-        raise RuntimeError(
-            f"worker got no partition of {self.settings.topic_events} within {timeout_s:.0f} s; "
-            f"last log lines:\n{self.tail()}"
-        )
+                return False
+            return any(
+                k.startswith("streamrec_consumer_lag_messages{") and want in k for k in metrics
+            )
+
+        self._poll_start(timeout_s, assigned, f"a partition of {self.settings.topic_events}")
 
     def tail(self, n: int = 30) -> str:
         try:

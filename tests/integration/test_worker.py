@@ -116,6 +116,9 @@ def test_every_message_is_accounted_for(settings: Settings, shop: SyntheticShop)
         WorkerProcess(settings, settings.data_dir / "worker.log") as worker,
         OutputCollector(settings) as collector,
     ):
+        worker.wait_assigned(timeout_s=60)  # what the demo waits for before replaying
+        lag = metric_sum(scrape_metrics(worker.metrics_url), "streamrec_consumer_lag_messages")
+        assert lag == 0  # assigned, fetched from, nothing sent yet
         produce_records(producer, settings.topic_events, good)
         produce_records(producer, settings.topic_events, [(k, v) for k, v, _ in bad])
         produce_records(producer, settings.topic_events, dup_src)
