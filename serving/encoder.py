@@ -15,10 +15,6 @@ Inputs are left-padded ``(B, T)`` int64 batches (0 = padding). Positions (``posi
 
 Either way a batch padded to its own longest sequence gives exactly the user vectors of one
 padded to ``max_len``.
-
-``rel_bias`` adds a learned per-head attention bias by how many steps back the key is from the
-query (exact up to 8, log-spaced buckets beyond; T5 / HSTU style). It depends only on the two
-steps' positions, so cached keys keep it and the incremental encoding stays exact.
 """
 
 from __future__ import annotations
@@ -54,7 +50,6 @@ class EncoderConfig:
     use_types: bool = True
     use_time: bool = True
     positions: str = "oldest"  # one of POSITIONS, see the module docstring
-    rel_bias: bool = False  # learned attention bias by steps between query and key
     # Item side information: an item's vector is its ID embedding plus the mean embedding of
     # up to max_attrs attributes (brand, categories) out of num_attrs; 0 = IDs only.
     num_attrs: int = 0
@@ -115,22 +110,6 @@ def collate(seqs: Sequence[Features], length: int | None = None) -> Batch:
     return Batch(tens[0], tens[1], tens[2])
 
 
-#: Buckets of the relative attention bias: distances 0..7 exactly, then log-spaced.
-REL_EXACT, REL_BUCKETS = 8, 16
-
-
-def rel_bucket(distance: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Bucket ids ``[0, REL_BUCKETS)`` of non-negative step distances (negatives -> 0)."""
-    d = distance.clamp(min=0)
-    span = max(max_len, REL_EXACT + 1)
-    far = REL_EXACT + (
-        torch.log(d.float().clamp(min=1) / REL_EXACT)
-        / np.log(span / REL_EXACT)
-        * (REL_BUCKETS - REL_EXACT)
-    ).long().clamp(max=REL_BUCKETS - REL_EXACT - 1)
-    return torch.where(d < REL_EXACT, d, far)
-
-
 #: Cached keys and values of one layer: ``(k, v)``, each ``(B, H, P, D / H)`` float32.
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
@@ -164,7 +143,6 @@ class _Block(nn.Module):
         self.ff1 = nn.Linear(cfg.dim, cfg.ffn_mult * cfg.dim)
         self.ff2 = nn.Linear(cfg.ffn_mult * cfg.dim, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
-        self.rel = nn.Embedding(REL_BUCKETS, cfg.heads) if cfg.rel_bias else None
 
     def forward(
         self,
@@ -172,11 +150,9 @@ class _Block(nn.Module):
         mask: torch.Tensor,
         past: LayerKV | None = None,
         last_only: bool = False,
-        buckets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, LayerKV]:
         """``x (B, T, D)`` new steps, ``mask (B, 1, Tq, P + T) bool`` (True = may attend),
-        ``past`` the earlier steps' keys/values ``(B, H, P, D / H)``, ``buckets (B, Tq, P + T)``
-        the relative-distance buckets (``cfg.rel_bias`` only).
+        ``past`` the earlier steps' keys/values ``(B, H, P, D / H)``.
 
         Returns the new states ``(B, T, D)`` (``(B, 1, D)`` with ``last_only``: only the newest
         query is computed) and the new steps' own keys/values ``(B, H, T, D / H)``.
@@ -189,12 +165,8 @@ class _Block(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         if last_only:
             q, x = q[:, :, -1:], x[:, -1:]
-        attn_mask: torch.Tensor = mask
-        if self.rel is not None and buckets is not None:
-            bias = self.rel(buckets[:, -q.shape[2] :]).permute(0, 3, 1, 2)  # (B, H, Tq, K)
-            attn_mask = bias.masked_fill(~mask, -torch.inf)
         att = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
         x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, -1, d)))
         return x + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(x))))), own
@@ -289,27 +261,12 @@ class SequenceEncoder(nn.Module):
         old = past_valid[:, None, None, :] & valid.transpose(-1, -2)
         return torch.cat([old, new.expand(len(items), 1, t, t)], dim=-1)
 
-    def _buckets(self, items: torch.Tensor, past: Past | None) -> torch.Tensor | None:
-        """``(B, T, P + T) int64`` relative-distance buckets of the new steps (queries) to the
-        past and new steps (keys); None without ``cfg.rel_bias``. Distances are counted in
-        real steps, so padding (masked anyway) does not shift them."""
-        if not self.cfg.rel_bias:
-            return None
-        q_pos = (items > 0).cumsum(dim=1)  # (B, T): 1-based among the new steps
-        if past is None:
-            k_pos = q_pos
-        else:
-            q_pos = q_pos + past.lengths[:, None]
-            k_pos = torch.cat([past.valid.long().cumsum(dim=1), q_pos], dim=1)
-        return rel_bucket(q_pos[:, :, None] - k_pos[:, None, :], self.cfg.max_len)
-
     def hidden(self, batch: Batch) -> torch.Tensor:
         """``(B, T, D)`` float32: the state after each step (the training-time forward)."""
         x = self._embed(batch)
         mask = self._mask(batch.items)
-        buckets = self._buckets(batch.items, None)
         for block in self.blocks:
-            x, _ = block(x, mask, buckets=buckets)
+            x, _ = block(x, mask)
         return self.out_ln(x)
 
     def user_vectors(self, batch: Batch) -> torch.Tensor:
@@ -333,13 +290,12 @@ class SequenceEncoder(nn.Module):
         offset = past.lengths if past is not None else None
         x = self._embed(batch, offset)
         mask = self._mask(batch.items, past.valid if past is not None else None)
-        buckets = self._buckets(batch.items, past)
         last = mask[:, :, -1:]
         own: list[LayerKV] = []
         for i, block in enumerate(self.blocks):
             kv = past.kv[i] if past is not None else None
             final = i == len(self.blocks) - 1
-            x, new_kv = block(x, last if final else mask, kv, last_only=final, buckets=buckets)
+            x, new_kv = block(x, last if final else mask, kv, last_only=final)
             own.append(new_kv)
         return self.out_ln(x[:, 0]), tuple(own)
 

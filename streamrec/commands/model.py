@@ -33,9 +33,6 @@ def train(
     patience: Annotated[int, typer.Option(help="validation rounds without gain")] = 10,
     eval_every: int = 1,
     attn_dropout: float = 0.2,
-    rel_bias: Annotated[
-        bool, typer.Option(help="learned attention bias by steps between query and key")
-    ] = False,
     weight_decay: float = 0.0,
     attributes: Annotated[
         Path | None,
@@ -65,7 +62,6 @@ def train(
             dropout=dropout,
             attn_dropout=attn_dropout,
             use_time=interactions.has_time,
-            rel_bias=rel_bias,
         )
         train_cfg = TrainConfig(
             epochs=epochs,

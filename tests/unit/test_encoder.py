@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from serving.data import EncodedLog, Features, Interactions, ItemVocab, leave_one_out
-from serving.encoder import REL_BUCKETS, EncoderConfig, Past, SequenceEncoder, collate, rel_bucket
+from serving.encoder import EncoderConfig, Past, SequenceEncoder, collate
 from serving.train import (
     TrainConfig,
     fit,
@@ -33,12 +33,7 @@ def feats(items: list[int]) -> Features:
 def small_model(**kw: object) -> SequenceEncoder:
     torch.manual_seed(0)
     cfg = EncoderConfig(num_items=20, dim=16, heads=2, max_len=8, **kw)  # type: ignore[arg-type]
-    model = SequenceEncoder(cfg).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            if block.rel is not None:  # large enough to change what the parity tests compare
-                block.rel.weight.normal_(0.0, 2.0)
-    return model
+    return SequenceEncoder(cfg).eval()
 
 
 @pytest.mark.parametrize(
@@ -188,13 +183,11 @@ def test_time_budget_stops_after_one_epoch(tiny_log: Interactions) -> None:
     assert result.best_valid is not None  # the last epoch is always evaluated
 
 
-@pytest.mark.parametrize(
-    ("positions", "rel_bias"), [("oldest", False), ("oldest", True), ("newest", False)]
-)
-def test_every_prefix_state_equals_encoding_that_prefix(positions: str, rel_bias: bool) -> None:
+@pytest.mark.parametrize("positions", ["oldest", "newest"])
+def test_every_prefix_state_equals_encoding_that_prefix(positions: str) -> None:
     """With positions from the oldest step, the training forward at step t is what serving
     computes for the prefix ending at t; with positions from the newest it is not."""
-    model = small_model(positions=positions, rel_bias=rel_bias)
+    model = small_model(positions=positions)
     seq = [1, 2, 3, 4, 5]
     with torch.no_grad():
         states = model.hidden(collate([feats(seq)]))[0]
@@ -209,11 +202,10 @@ def _past(kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], items: torch.Tensor
     return Past(kv, items > 0)
 
 
-@pytest.mark.parametrize("rel_bias", [False, True])
-def test_extend_matches_full_re_encode(rel_bias: bool) -> None:
+def test_extend_matches_full_re_encode() -> None:
     """Cached encoding, one or several steps at a time, for users of different lengths in one
     batch (left padding in the past and in the new steps), equals the full forward."""
-    model = small_model(rel_bias=rel_bias)
+    model = small_model()
     full = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15]]
     cut = [4, 1, 2]  # steps already cached per user
     old = collate([feats(s[:c]) for s, c in zip(full, cut, strict=True)])
@@ -257,21 +249,3 @@ def test_extend_refuses_newest_positions_and_full_windows() -> None:
 def test_config_rejects_unknown_positions() -> None:
     with pytest.raises(ValueError, match="positions in"):
         EncoderConfig(num_items=3, positions="middle")
-
-
-def test_relative_bias_buckets_and_effect() -> None:
-    d = torch.tensor([-3, 0, 1, 7, 8, 20, 49, 500])
-    b = rel_bucket(d, 50).tolist()
-    assert b[:4] == [0, 0, 1, 7]  # exact up to 7 (negatives are masked keys: bucket 0)
-    assert b[4] >= 8
-    assert b == sorted(b)  # monotone in the distance
-    assert max(b) == REL_BUCKETS - 1  # capped
-    model = small_model(rel_bias=True)
-    batch = collate([feats([1, 2, 3, 4, 5])])
-    with torch.no_grad():
-        with_bias = model.user_vectors(batch)
-        for block in model.blocks:
-            assert block.rel is not None
-            block.rel.weight.zero_()
-        without = model.user_vectors(batch)
-    assert not torch.allclose(with_bias, without)  # the bias takes part in attention
