@@ -89,10 +89,13 @@ class Collected:
     coalesced: int = 0
     model_versions: dict[str, int] = field(default_factory=dict)
 
-    def percentile(self, q: float) -> float | None:
-        if not self.latencies_ms:
+    def percentile(self, q: float, *, since: float = 0.0) -> float | None:
+        """The q-th percentile latency (ms) of the slates received, or of those after the
+        first ``since`` share of them in arrival order (``since=0.5``: the second half)."""
+        lat = self.latencies_ms[int(len(self.latencies_ms) * since) :]
+        if not lat:
             return None
-        return float(np.percentile(np.asarray(self.latencies_ms), q))
+        return float(np.percentile(np.asarray(lat), q))
 
 
 class OutputCollector:
