@@ -144,14 +144,13 @@ def slate_weight_of(config: dict[str, Any], ordering: str) -> float | None:
     return value
 
 
-def store_calibration(path: Path | str, calibration: Calibration | SlateWeight) -> None:
-    """Write ``calibration`` (a temperature, or a chosen slate weight) into the artifact JSON
-    at ``path`` (other keys untouched)."""
+def store_calibration(path: Path | str, *entries: Calibration | SlateWeight) -> None:
+    """Write ``entries`` (a temperature, a chosen slate weight, or both) into the artifact
+    JSON at ``path`` in one rewrite (other keys untouched)."""
     p = Path(path)
     config = json.loads(p.read_text())
-    config["slate" if isinstance(calibration, SlateWeight) else "calibration"] = (
-        calibration.to_dict()
-    )
+    for entry in entries:
+        config["slate" if isinstance(entry, SlateWeight) else "calibration"] = entry.to_dict()
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp.replace(p)

@@ -229,6 +229,16 @@ class FilterStage:
         )
 
 
+def below_scored(scored: np.ndarray, retrieval: np.ndarray) -> np.ndarray:
+    """Scores that rank candidates the reranker did not score below every one it did (per row:
+    under the row's lowest finite ``scored`` value, 0 when it has none), in the order of their
+    ``retrieval`` scores (tanh keeps them within 1 of each other); -inf where ``retrieval`` is
+    not finite."""
+    floor = np.where(np.isfinite(scored), scored, np.inf).min(axis=1, keepdims=True)
+    floor = np.where(np.isfinite(floor), floor, 0.0)
+    return np.where(np.isfinite(retrieval), floor - 1.0 + np.tanh(retrieval) * 0.5, -np.inf)
+
+
 class RerankStage:
     """Scores each user's candidates with the reranker.
 
@@ -263,11 +273,7 @@ class RerankStage:
             scores=cols(cands.scores, head),
         )
         top_scores = self._score(sub)
-        floor = np.where(np.isfinite(top_scores), top_scores, np.inf).min(axis=1, keepdims=True)
-        floor = np.where(np.isfinite(floor), floor, 0.0)
-        retr = cols(cands.retrieval_scores, tail)
-        # Below every reranked candidate, in retrieval order (tanh keeps them within 1).
-        rest = np.where(np.isfinite(retr), floor - 1.0 + np.tanh(retr) * 0.5, -np.inf)
+        rest = below_scored(top_scores, cols(cands.retrieval_scores, tail))
         scores = np.empty(cands.rows.shape, dtype=np.float32)
         np.put_along_axis(scores, head, top_scores, axis=1)
         np.put_along_axis(scores, tail, rest.astype(np.float32), axis=1)
@@ -460,9 +466,11 @@ class Pipeline:
         fresh: FreshItems | None = None,
         fresh_slots: int = 1,
         rerank_top: int | None = None,
+        diversity_source: str = "argument",
     ) -> None:
         """``rerank_top``: candidates per user the reranker scores (``RerankStage``); None:
-        as many as the reranker was trained on (its ``trained_candidates``), else all."""
+        as many as the reranker was trained on (its ``trained_candidates``), else all.
+        ``diversity_source``: where ``diversity`` came from, for the start-up log."""
         if encoder.dim != index.dim:
             raise ValueError(
                 f"pipeline: expected encoder dim == index dim, got {encoder.dim} and {index.dim}"
@@ -482,7 +490,7 @@ class Pipeline:
             )
         self.encoder, self.index, self.catalog = encoder, index, catalog
         self.on_stage = on_stage
-        self.diversity_source = "argument"  # from_settings says which setting or artifact
+        self.diversity_source = diversity_source
         self.fresh, self.fresh_slots = fresh, max(0, min(fresh_slots, slate_size))
         rows = CatalogRows(catalog, index) if catalog is not None else None
         self.encode = EncodeStage(encoder, index, fallback_vector)
@@ -543,7 +551,7 @@ class Pipeline:
         diversity, source = resolve_diversity(
             settings.diversity, settings.ordering, params.get("reranker") or encoder
         )
-        pipeline = cls.from_encoder(
+        return cls.from_encoder(
             encoder,
             catalog,
             candidates=settings.candidates,
@@ -552,10 +560,9 @@ class Pipeline:
             filter_seen=settings.filter_seen,
             ordering=settings.ordering,
             rerank_top=settings.rerank_candidates,
+            diversity_source=source,
             **params,
         )
-        pipeline.diversity_source = source
-        return pipeline
 
     def _timed(self, name: str, t0: float) -> float:
         t1 = time.perf_counter()

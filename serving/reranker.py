@@ -51,7 +51,7 @@ from serving.configs import config_from_dict, config_to_dict
 from serving.data import EncodedLog, ItemVocab, LeaveOneOut, sequence_features
 from serving.encoder import SequenceEncoder, collate
 from serving.evaluate import metrics_from_ranks
-from serving.pipeline import Candidates, SlateRequest
+from serving.pipeline import Candidates, SlateRequest, below_scored
 from serving.types import EVENT_TYPE_ID, EVENT_TYPES
 
 STAGE = "rerank"
@@ -591,9 +591,7 @@ class TransformerReranker:
         known = x.cand_items.cpu().numpy() > 0
         unknown = (rows >= 0) & ~known & np.isfinite(retr)
         if unknown.any():
-            floor = np.where(known, scores, np.inf).min(axis=1, keepdims=True)
-            floor = np.where(np.isfinite(floor), floor, 0.0)
-            scores = np.where(unknown, floor - 1.0 + np.tanh(retr) * 0.5, scores)
+            scores = np.where(unknown, below_scored(np.where(known, scores, np.inf), retr), scores)
         return np.where(rows >= 0, scores, -np.inf).astype(np.float32)
 
     @torch.inference_mode()

@@ -326,8 +326,7 @@ def calibrate(
     if model_dir is not None:
         for name, file in (("retrieval", "config.json"), ("rerank", "reranker.json")):
             if name in fits:
-                store_calibration(Path(model_dir) / file, fits[name])
-                store_calibration(Path(model_dir) / file, weights[name])
+                store_calibration(Path(model_dir) / file, fits[name], weights[name])
     return Calibrated(fits, weights)
 
 
