@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, Producer
 
-from streamrec.kafka_config import confluent_config
+from streamrec.kafka_config import confluent_config, consume_available
 from streamrec.settings import Settings
 
 
@@ -91,11 +91,12 @@ class Collected:
 
     def percentile(self, q: float, *, since: float = 0.0) -> float | None:
         """The q-th percentile latency (ms) of the slates received, or of those after the
-        first ``since`` share of them in arrival order (``since=0.5``: the second half)."""
+        first ``since`` share of them in arrival order (``since=0.5``: the second half);
+        rounded to 0.1 ms (arrival is timed to the millisecond at best)."""
         lat = self.latencies_ms[int(len(self.latencies_ms) * since) :]
         if not lat:
             return None
-        return float(np.percentile(np.asarray(lat), q))
+        return round(float(np.percentile(np.asarray(lat), q)), 1)
 
 
 class OutputCollector:
@@ -162,7 +163,7 @@ class OutputCollector:
         consumer.subscribe([s.topic_recommendations, s.topic_dlq], on_assign=on_assign)
         try:
             while not self._stop.is_set():
-                for msg in consumer.consume(num_messages=1000, timeout=0.1):
+                for msg in consume_available(consumer, 1000, 0.1):
                     err = msg.error()
                     if err is not None:
                         if err.code() != KafkaError._PARTITION_EOF:

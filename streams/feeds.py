@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from schemas.codec import DecodeError, Limits, decode_item
 from serving.service import Recommender
-from streamrec.kafka_config import confluent_config
+from streamrec.kafka_config import confluent_config, consume_available
 from streamrec.metrics import Metrics
 from streamrec.settings import Settings
 
@@ -80,7 +80,7 @@ class _BroadcastFeed:
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
             at_eof: set[int] = set()
             while not self._stop.is_set():
-                msgs = consumer.consume(num_messages=500, timeout=0.05)
+                msgs = consume_available(consumer, 500, 0.2)
                 for msg in msgs:
                     err = msg.error()
                     partition, offset = msg.partition() or 0, msg.offset() or 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 from typer.testing import CliRunner
 
 from streamrec.cli import app
-from streamrec.kafka_config import confluent_config
+from streamrec.kafka_config import confluent_config, consume_available
 from streamrec.kafka_local import REPO_ROOT, LocalKafka, LocalKafkaError, free_port, free_ports
 from streamrec.settings import Settings
 from streamrec.topics import TopicError, TopicSpec, design_topics, ensure_topics, list_topics
@@ -57,6 +58,54 @@ def test_produce_and_consume_1000_keyed_messages(make_settings: Callable[..., Se
     # Keyed messages stay on one partition each: the ordering per user the worker relies on.
     assert all(len(parts) == 1 for parts in partitions_of_key.values())
     assert len({p for parts in partitions_of_key.values() for p in parts}) == 3
+
+
+def test_consume_available_returns_a_trickle_at_once_and_drains_the_rest(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """``Consumer.consume(n, timeout)`` holds a lone message for the whole timeout; the
+    helper the feeds and the output collector use must hand it over when it arrives."""
+    settings = make_settings()
+    topic = settings.topic_events
+    ensure_topics(settings, [TopicSpec(topic, 1, 1)])
+    consumer = Consumer(
+        {
+            **confluent_config(settings),
+            "group.id": f"g-{settings.app_id}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    producer = Producer({**confluent_config(settings), "linger.ms": 0})
+    try:
+        consumer.subscribe([topic])
+        producer.produce(topic, value=b"lone")
+        assert producer.flush(30) == 0
+        # Past the assignment and first fetch (up to a few seconds on a cold broker) ...
+        got: list[bytes] = []
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:
+            got = [m.value() for m in consume_available(consumer, 1000, 1.0) if not m.error()]
+        assert got == [b"lone"]
+        # ... a message produced now arrives well before a 20 s timeout would end.
+        producer.produce(topic, value=b"second")
+        assert producer.flush(30) == 0
+        started = time.monotonic()
+        second = [m for m in consume_available(consumer, 1000, 20.0) if not m.error()]
+        waited = time.monotonic() - started
+        assert [m.value() for m in second] == [b"second"]
+        assert waited < 10.0, f"held the message {waited:.1f} s"
+        # Several already fetched: all of them in one call, nothing left behind.
+        for i in range(50):
+            producer.produce(topic, value=f"m{i}".encode())
+        assert producer.flush(30) == 0
+        batch: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while len(batch) < 50 and time.monotonic() < deadline:
+            batch += [m.value() for m in consume_available(consumer, 1000, 1.0) if not m.error()]
+        assert batch == [f"m{i}".encode() for i in range(50)]
+    finally:
+        consumer.close()
 
 
 def test_ensure_topics_is_idempotent_and_configures_compaction(
