@@ -23,6 +23,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _numbers(text: str, option: str, *, integer: bool = False) -> list[float]:
+    """A comma-separated list of positive numbers ('' for none), or a clear error."""
+    out: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(int(part)) if integer else float(part)
+        except ValueError:
+            value = -1.0
+        if value <= 0:
+            kind = "positive integers" if integer else "positive numbers"
+            _fail(f"{option}: expected {kind} separated by commas, got {part!r} in {text!r}")
+        out.append(value)
+    return out
+
+
 def worker(
     passthrough: Annotated[
         bool,
@@ -85,11 +102,19 @@ def bench_stream(
     reranker: Annotated[
         bool, typer.Option(help="Also run the full pipeline with a trained reranker (A/B)")
     ] = False,
+    rates: Annotated[
+        str,
+        typer.Option(
+            help="Paced runs (passthrough and full): offered events/s, comma separated; '' for none"
+        ),
+    ] = "500,1000,2000",
+    rate_seconds: Annotated[float, typer.Option(help="Length of each paced run (s)")] = 15.0,
 ) -> None:
-    """Replay N events at full speed through the real broker; compare with a passthrough."""
+    """Replay N events at full speed through the real broker, compare with a passthrough;
+    then latency at paced loads."""
     from streamrec.bench_stream import run_stream_bench
 
-    sizes = [int(x) for x in sweep.split(",") if x.strip()] if sweep else []
+    sizes = [int(x) for x in _numbers(sweep, "--sweep", integer=True)]
     report = run_stream_bench(
         Settings(),
         console,
@@ -99,6 +124,8 @@ def bench_stream(
         sweep_events=sweep_events,
         workdir=workdir,
         reranker=reranker,
+        rates=_numbers(rates, "--rates"),
+        rate_seconds=rate_seconds,
     )
     if not report["accounting"]["ok"]:
         _fail(f"accounting sums do not hold: {json.dumps(report['accounting'])}")
