@@ -48,6 +48,16 @@ class Settings(BaseSettings):
     kafka_session_timeout_s: float = Field(
         10.0, ge=6.0, le=300.0, description="consumer group session timeout (failover time)"
     )
+    fetch_max_wait_ms: int = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="events consumer: the broker holds a fetch up to this long to fill "
+        "fetch_min_bytes (fewer, larger fetches; adds at most this much latency)",
+    )
+    fetch_min_bytes: int = Field(
+        65536, ge=1, description="events consumer: bytes a fetch waits for (see above)"
+    )
     model_dir: Path | None = None
     batch_size: int = Field(256, ge=1, description="max events per micro-batch")
     batch_within_s: float = Field(0.02, gt=0, description="max wait to fill a micro-batch")

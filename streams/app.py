@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,6 +25,7 @@ from serving.session import SessionState
 from streamrec.kafka_config import faust_broker_kwargs
 from streamrec.metrics import Metrics
 from streamrec.settings import Settings
+from streams.batching import take_batches
 from streams.handler import EventBatchHandler, InMessage, OutMessage, SlateResult
 from streams.produce import BatchProducer, SentBatch
 
@@ -41,6 +42,24 @@ def _use_event(event: Any) -> None:
     does not set per event; we set it explicitly for each write of a batch.
     """
     _current_event.set(weakref.ref(event))
+
+
+def _when_consumer_created(app: faust.App, hook: Callable[[Any], None]) -> None:
+    """Call ``hook(app.consumer)`` once the started app has created its consumer, before the
+    consumer starts.
+
+    Not earlier: the consumer reads ``app.in_transaction`` when it is created, and that
+    (cached) property is true only once a Faust worker runs the app. A consumer created at
+    build time stays at-least-once for good: no transactional producers are ever started
+    and the first exactly-once send fails ("No transaction producer found").
+    """
+    first_start = app.on_first_start
+
+    async def on_first_start() -> None:  # the app's dependencies (its consumer) exist by now
+        hook(app.consumer)
+        await first_start()
+
+    app.on_first_start = on_first_start  # type: ignore[method-assign]
 
 
 class StreamWorker:
@@ -128,22 +147,23 @@ class StreamWorker:
 
         async def process(stream: faust.StreamT) -> None:
             handle = self.forward_batch if self.passthrough else self.handle_batch
-            # take_events (not take): the batch keeps each message's topic/partition/offset
-            # for the DLQ and the event to route table writes by.
-            batches = stream.take_events(s.batch_size, within=s.batch_within_s)  # type: ignore[attr-defined]
+            # Events, not values: the batch keeps each message's topic/partition/offset for
+            # the DLQ and the event to route table writes by (streams.batching).
+            batches = take_batches(stream, s.batch_size, s.batch_within_s)
             self._guard_commits(app.consumer)
             if not self.exactly_once:
                 async for batch in batches:
                     await handle(batch)
                 return
             async for batch in batches:
-                # take_events acks the batch's events right after this body returns, before
+                # take_batches acks the batch's events right after this body returns, before
                 # its next suspension point (Stream.ack never awaits), so a commit waiting on
                 # the lock sees the batch's outputs, changelog writes and offsets together.
                 async with self._batch_lock:
                     await handle(batch)
 
         app.agent(events, name="streamrec.events")(process)
+        _when_consumer_created(app, self._batch_fetches)
         app.on_rebalance_complete.connect(self._hold_flow_until_seek)
 
         async def refresh_gauges() -> None:
@@ -154,6 +174,31 @@ class StreamWorker:
 
         app.timer(2.0)(refresh_gauges)
         return app
+
+    def _batch_fetches(self, consumer: Any) -> None:
+        """Let the broker hold each fetch of the consumer up to ``fetch_max_wait_ms`` until it
+        has ``fetch_min_bytes`` (aiokafka's defaults, as Faust leaves them: answer as soon as
+        there is one byte).
+
+        Below the worker's capacity every fetch otherwise brings the few events that arrived
+        since the last one, and each costs a round through aiokafka's thread, Faust's
+        delivery and a micro-batch: measured in a paced stream benchmark at 500 events/s,
+        the consumer thread alone took 23% of a core, and p50/p99 were 108-239 / 210-1,963
+        ms; with fetches held 10 ms for 64 KiB, 12% and 75-82 / 136-181 ms (two runs each).
+        A backlog fills the bytes at once, so throughput is unchanged.
+        """
+        thread = consumer._thread  # Faust's AIOKafkaConsumerThread; no public handle
+        create = thread._create_worker_consumer
+        s = self.settings
+
+        def create_batched(transport: Any) -> Any:
+            aiokafka_consumer = create(transport)
+            # aiokafka reads both when it starts the consumer's fetcher.
+            aiokafka_consumer._fetch_min_bytes = s.fetch_min_bytes
+            aiokafka_consumer._fetch_max_wait_ms = s.fetch_max_wait_ms
+            return aiokafka_consumer
+
+        thread._create_worker_consumer = create_batched
 
     async def _hold_flow_until_seek(
         self, sender: Any, /, *_: Any, signal: BaseSignalT[Any], **__: Any

@@ -108,7 +108,9 @@ def bench_stream(
             help="Paced runs (passthrough and full): offered events/s, comma separated; '' for none"
         ),
     ] = "500,1000,2000",
-    rate_seconds: Annotated[float, typer.Option(help="Length of each paced run (s)")] = 15.0,
+    rate_seconds: Annotated[
+        float, typer.Option(min=1.0, help="Length of each paced run (s)")
+    ] = 15.0,
 ) -> None:
     """Replay N events at full speed through the real broker, compare with a passthrough;
     then latency at paced loads."""
