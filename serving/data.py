@@ -157,8 +157,22 @@ def _number(path: Path, lineno: int, field: str, text: str) -> float:
         ) from exc
 
 
+def _file_in(path: Path, names: Sequence[str]) -> Path:
+    """``path`` itself, or for a folder the first of ``names`` it holds."""
+    if not path.is_dir():
+        return path
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(
+        f"{STAGE}: expected one of {', '.join(names)} in the folder {path}, found none"
+    )
+
+
 def load_movielens_100k(path: Path) -> Interactions:
-    """MovieLens-100K ``u.data``: tab-separated ``user item rating ts(s)``; sorted by time."""
+    """MovieLens-100K ``u.data`` (or its folder): tab-separated ``user item rating ts(s)``;
+    sorted by time."""
+    path = _file_in(path, ("u.data", "u.data.gz"))
     rows = (
         (r[0], r[1], "rating", int(_number(path, n, "timestamp", r[3]) * 1000))
         for n, r in _split_rows(path, "\t", 4, None)
