@@ -72,7 +72,7 @@ def test_movielens_100k_folder(tmp_path: Path) -> None:
     write(tmp_path / "u.data.gz", "1\t10\t5\t300\n2\t10\t4\t50\n")
     assert len(load_interactions(tmp_path, "ml-100k").users) == 2
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="expected one of u.data, u.data.gz in the folder"):
+    with pytest.raises(FileNotFoundError, match=r"one of u\.data, u\.data\.gz in the folder"):
         load_interactions(tmp_path / "empty", "ml-100k")
 
 
