@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,17 @@ FORMAT_HELP = "s3rec | ml-100k | ml-1m | rechorus | yoochoose | events"
 def _fail(message: str) -> typer.Exit:
     typer.secho(message, err=True, fg=typer.colors.RED)
     return typer.Exit(code=2)
+
+
+def _log_epochs() -> None:
+    """Without a progress bar, one log line per epoch (loss, validation NDCG@10) to stderr."""
+    train_log = logging.getLogger("serving.train")
+    train_log.setLevel(logging.INFO)
+    if not any(h.get_name() == "streamrec-epochs" for h in train_log.handlers):
+        handler = logging.StreamHandler()
+        handler.set_name("streamrec-epochs")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        train_log.addHandler(handler)
 
 
 def train(
@@ -50,6 +62,8 @@ def train(
     progress: bool = True,
 ) -> None:
     """Train the sequence encoder (leave-one-out; early stop on validation NDCG@10)."""
+    if not progress:
+        _log_epochs()
     # torch is imported here so the CLI's other commands start fast.
     from serving.artifacts import save_model
     from serving.data import DataError, leave_one_out, load_interactions, load_item_attributes

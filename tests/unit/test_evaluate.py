@@ -103,7 +103,7 @@ def write_events(path: Path, users: int = 30, items: int = 12) -> Path:
     return path
 
 
-def test_cli_train_then_evaluate(tmp_path: Path) -> None:
+def test_cli_train_then_evaluate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     runner = CliRunner()
     data = write_events(tmp_path / "events.jsonl")
     model = tmp_path / "model"
@@ -129,6 +129,9 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     ]
     result = runner.invoke(app, train_args)
     assert result.exit_code == 0, result.output
+    # Without a progress bar every epoch is logged.
+    assert "encoder epoch 1 " in caplog.text
+    assert "encoder epoch 2 " in caplog.text
     assert (model / "model.safetensors").is_file()
     config = json.loads((model / "config.json").read_text())
     assert config["dataset"] == "events"
