@@ -44,12 +44,6 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     max_minutes: float | None = None  # wall-clock budget, checked as each epoch starts
-    # Contrastive regulariser (DuoRec family): weight of an InfoNCE term between two dropout
-    # views of the same positions, with positions that predict the same item as positives.
-    contrastive: float = 0.0  # 0 = off
-    cl_similarity: str = "dot"  # "dot" (DuoRec) or "cos"
-    cl_temperature: float = 1.0
-    cl_positions: int = 512  # real positions per batch the term samples
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -113,14 +107,9 @@ def softmax_loss(
     model: SequenceEncoder, batch: Batch, targets: torch.Tensor, negatives: int
 ) -> torch.Tensor:
     """Mean next-item cross-entropy over the real positions of ``targets (B, T) int64``."""
+    h = model.hidden(batch)
     real = targets > 0
-    return _item_softmax(model, model.hidden(batch)[real], targets[real], negatives)
-
-
-def _item_softmax(
-    model: SequenceEncoder, h: torch.Tensor, y: torch.Tensor, negatives: int
-) -> torch.Tensor:
-    """Cross-entropy of states ``h (M, D)`` against next items ``y (M,)`` over the catalog."""
+    h, y = h[real], targets[real]  # (M, D), (M,)
     table = model.item_table()
     if negatives <= 0:
         logits = h @ table.T  # (M, N + 1)
@@ -132,49 +121,6 @@ def _item_softmax(
     neg_logit = neg_logit.masked_fill(neg[None, :] == y[:, None], -torch.inf)
     logits = torch.cat([pos_logit, neg_logit], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(y))
-
-
-def contrastive_loss(
-    h1: torch.Tensor, h2: torch.Tensor, y: torch.Tensor, similarity: str, temperature: float
-) -> torch.Tensor:
-    """Multi-positive InfoNCE between two dropout views ``h1, h2 (M, D)`` of the same states.
-
-    Each of the 2M states is an anchor; its positives are its twin (the other dropout view)
-    and every state whose next item ``y (M,)`` is the same (DuoRec's supervised view, taken
-    in-batch); every other state is a negative.
-    """
-    if similarity not in ("dot", "cos"):
-        raise ValueError(f"{STAGE}: expected cl_similarity 'dot' or 'cos', got {similarity!r}")
-    if not temperature > 0:
-        raise ValueError(f"{STAGE}: expected cl_temperature > 0, got {temperature}")
-    z = torch.cat([h1, h2])  # (2M, D)
-    if similarity == "cos":
-        z = F.normalize(z, dim=-1)
-    sim = (z @ z.T) / temperature  # (2M, 2M)
-    self_pair = torch.eye(len(z), dtype=torch.bool, device=z.device)
-    sim = sim.masked_fill(self_pair, -torch.inf)
-    yy = torch.cat([y, y])
-    positive = (yy[:, None] == yy[None, :]) & ~self_pair  # the twin always shares y
-    pos = torch.logsumexp(sim.masked_fill(~positive, -torch.inf), dim=1)
-    return (torch.logsumexp(sim, dim=1) - pos).mean()
-
-
-def regularised_softmax_loss(
-    model: SequenceEncoder, batch: Batch, targets: torch.Tensor, cfg: TrainConfig
-) -> torch.Tensor:
-    """:func:`softmax_loss` plus ``cfg.contrastive`` times :func:`contrastive_loss` on up to
-    ``cfg.cl_positions`` real positions of a second dropout pass over the batch."""
-    real = targets > 0
-    h1, y = model.hidden(batch)[real], targets[real]
-    loss = _item_softmax(model, h1, y, cfg.negatives)
-    if cfg.contrastive <= 0:
-        return loss
-    h2 = model.hidden(batch)[real]
-    if len(y) > cfg.cl_positions:
-        keep = torch.randperm(len(y), device=y.device)[: cfg.cl_positions]
-        h1, h2, y = h1[keep], h2[keep], y[keep]
-    cl = contrastive_loss(h1, h2, y, cfg.cl_similarity, cfg.cl_temperature)
-    return loss + cfg.contrastive * cl
 
 
 LossFn = Callable[[torch.nn.Module, Batch, torch.Tensor], torch.Tensor]
@@ -297,7 +243,7 @@ def train_encoder(
     started = time.perf_counter()
 
     def loss_fn(m: torch.nn.Module, batch: Batch, targets: torch.Tensor) -> torch.Tensor:
-        return regularised_softmax_loss(m, batch, targets, cfg)  # type: ignore[arg-type]
+        return softmax_loss(m, batch, targets, cfg.negatives)  # type: ignore[arg-type]
 
     best_epoch, best_report, epochs_run, history = fit(
         model, loss_fn, split, log_, cfg, max_len=model_cfg.max_len, desc="encoder"

@@ -46,12 +46,6 @@ def train(
     eval_every: int = 1,
     attn_dropout: float = 0.2,
     weight_decay: float = 0.0,
-    contrastive: Annotated[
-        float,
-        typer.Option(help="weight of the contrastive term between two dropout views; 0 = off"),
-    ] = 0.0,
-    cl_similarity: Annotated[str, typer.Option(help="dot | cos (contrastive term)")] = "dot",
-    cl_temperature: Annotated[float, typer.Option(help="contrastive term temperature")] = 1.0,
     attributes: Annotated[
         Path | None,
         typer.Option(help="item attributes file: their embeddings join every item vector"),
@@ -95,9 +89,6 @@ def train(
             seed=seed,
             device=device,
             progress=progress,
-            contrastive=contrastive,
-            cl_similarity=cl_similarity,
-            cl_temperature=cl_temperature,
         )
         attrs = load_item_attributes(attributes, attributes_format) if attributes else None
         split = leave_one_out(interactions)
