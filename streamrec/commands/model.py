@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -20,11 +21,13 @@ def _log_epochs() -> None:
     """Without a progress bar, one log line per epoch (loss, validation NDCG@10) to stderr."""
     train_log = logging.getLogger("serving.train")
     train_log.setLevel(logging.INFO)
-    if not any(h.get_name() == "streamrec-epochs" for h in train_log.handlers):
-        handler = logging.StreamHandler()
-        handler.set_name("streamrec-epochs")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        train_log.addHandler(handler)
+    # A second command in one process (tests) writes to its own stderr, not the first one's.
+    for old in [h for h in train_log.handlers if h.get_name() == "streamrec-epochs"]:
+        train_log.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name("streamrec-epochs")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    train_log.addHandler(handler)
 
 
 def train(
