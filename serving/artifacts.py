@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from serving.calibration import slate_weight_of, temperature_of
+from serving.covisit import CoVisitation, CoVisitError
 from serving.data import Features, ItemVocab, gap_bucket, sequence_features
 from serving.encoder import EncoderConfig, Past, SequenceEncoder, collate
 from serving.train import resolve_device
@@ -187,6 +188,8 @@ class LoadedEncoder:
         cacheable = cache_users > 0 and model.cfg.positions == "oldest"
         self.cache = EncoderCache(cache_users) if cacheable else None
         self.attribute_index: dict[str, int] = {}
+        #: Item-to-item co-visitation counts stored with the model (``serving.covisit``).
+        self.covisit: CoVisitation | None = None
 
     @property
     def version(self) -> str:
@@ -461,4 +464,10 @@ def load_model(
                 f"{STAGE}: expected {cfg.num_attrs} attribute names in {path / ATTRIBUTES}"
             )
         loaded.attribute_index = {str(n): i + 1 for i, n in enumerate(names)}
+    covisit = config.get("covisit")
+    if isinstance(covisit, dict):
+        try:
+            loaded.covisit = CoVisitation.load(path, covisit)
+        except CoVisitError as exc:
+            raise ArtifactError(str(exc)) from exc
     return loaded

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +28,8 @@ from serving.encoder import Batch, collate
 
 STAGE = "evaluate"
 KS: tuple[int, ...] = (5, 10, 20)
+#: Extra scores from a batch's left-padded item ids: ``(B, T) -> (B, N + 1)``.
+Booster = Callable[[torch.Tensor], torch.Tensor]
 
 
 class SequenceScorer(Protocol):
@@ -81,11 +83,13 @@ def rank_targets(
     *,
     exclude_history: bool = False,
     batch_size: int = 512,
+    boost: Booster | None = None,
 ) -> np.ndarray:
     """``(U,) int64`` 0-based full-ranking rank of each target; unknown targets (0) rank last.
 
     ``inputs[u]`` is user u's feature sequence, ``targets (U,) int64`` the model index of the
-    held-out item. Runs on the device the item table lives on.
+    held-out item. ``boost`` adds ``(B, N + 1)`` scores computed from the batch's left-padded
+    items (co-visitation, ``serving.covisit``). Runs on the device the item table lives on.
     """
     if len(inputs) != len(targets):
         raise ValueError(
@@ -103,6 +107,8 @@ def rank_targets(
         idx = order[start : start + batch_size]
         batch = collate([inputs[i] for i in idx]).to(table.device)
         scores = model.user_vectors(batch) @ table.T  # (B, N + 1)
+        if boost is not None:
+            scores = scores + boost(batch.items)
         scores[:, 0] = -torch.inf
         tgt = torch.from_numpy(targets[idx]).to(table.device)
         if exclude_history:
@@ -127,6 +133,7 @@ def evaluate_split(
     max_len: int,
     exclude_history: bool = False,
     batch_size: int = 512,
+    boost: Booster | None = None,
 ) -> EvalReport:
     """Full-ranking HR/NDCG@{5,10,20} on the ``which`` ('valid' or 'test') leave-one-out cases."""
     started = time.perf_counter()
@@ -134,7 +141,12 @@ def evaluate_split(
     inputs = [log.prefix(c.user, c.cut, max_len) for c in cases]
     targets = np.fromiter((log.target(c) for c in cases), dtype=np.int64, count=len(cases))
     ranks = rank_targets(
-        model, inputs, targets, exclude_history=exclude_history, batch_size=batch_size
+        model,
+        inputs,
+        targets,
+        exclude_history=exclude_history,
+        batch_size=batch_size,
+        boost=boost,
     )
     return EvalReport(
         split=which,

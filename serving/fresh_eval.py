@@ -112,6 +112,7 @@ class SlateSetup:
     filter_seen: bool = True
     ordering: str = "dcg"
     rerank_candidates: int | None = None
+    covisit_weight: float | None = None
 
 
 def pipeline_slates(

@@ -1,4 +1,5 @@
-"""The transport-free recommendation pipeline: encode -> retrieve -> filter -> rerank -> order.
+"""The transport-free recommendation pipeline:
+encode -> retrieve -> filter -> rerank -> covisit -> order.
 
 Each stage is a small class with a stable ``name`` (log text, the ``stage`` metric label, error
 text) that maps one frozen dataclass to the next. Everything works on whole batches: one
@@ -10,6 +11,9 @@ Decisions:
   allowed (repeat views and re-purchase intent are common), except the item of the triggering
   event (the last step), which the user is looking at right now. ``filter_seen=True`` drops
   every history item.
+- Co-visitation (``serving.covisit``, when the model has a table with a weight): each
+  candidate's score gains ``weight * boost`` from how often it followed the user's newest
+  items; every request's trigger step is counted into the table as it passes.
 - Cold users (no history step on an item the index knows): the encoder is not called for them;
   they get ``fallback_vector`` as their user vector, by default the mean item vector of the
   index at construction (``popularity_vector`` builds a popularity-weighted one).
@@ -26,6 +30,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from serving.catalog import Catalog, CatalogRows
+from serving.covisit import CoVisitation
 from serving.encoder import serving_window
 from serving.index import ItemIndex
 from serving.ordering import diversify
@@ -295,6 +300,68 @@ class RerankStage:
         return np.where(valid, scores, -np.inf).astype(np.float32)
 
 
+class CoVisitStage:
+    """Adds ``weight * boost`` (``serving.covisit``) to each candidate's current score and
+    counts each request's newest step into the table. Without a table it passes through."""
+
+    name: ClassVar[str] = "covisit"
+
+    def __init__(self, table: CoVisitation | None, vocab: dict[str, int] | None) -> None:
+        if table is not None and vocab is None:
+            raise ValueError(f"{self.name}: expected the encoder's item vocabulary with a table")
+        self.table = table if table is not None and table.config.weight > 0 else None
+        self.vocab: dict[str, int] = vocab or {}
+        self._row_ids: np.ndarray | None = None
+        self._row_index = np.zeros(0, dtype=np.int64)
+
+    @property
+    def weight(self) -> float:
+        return self.table.config.weight if self.table is not None else 0.0
+
+    def _index_of_rows(self, row_ids: np.ndarray) -> np.ndarray:
+        """Model item index of every index row (0 = an item the table does not know)."""
+        if row_ids is not self._row_ids:  # a new index snapshot
+            get = self.vocab.get
+            self._row_index = np.fromiter((get(i, 0) for i in row_ids), np.int64, len(row_ids))
+            self._row_ids = row_ids
+        return self._row_index
+
+    def recent(self, requests: Sequence[SlateRequest]) -> np.ndarray:
+        """``(B, lookback)`` each user's newest item indices, newest first, 0-padded."""
+        assert self.table is not None
+        depth = self.table.config.lookback
+        out = np.zeros((len(requests), depth), dtype=np.int64)
+        get = self.vocab.get
+        for b, req in enumerate(requests):
+            items = step_items(req.history)
+            for j in range(min(depth, len(items))):
+                out[b, j] = get(items[-1 - j], 0)
+        return out
+
+    def __call__(self, cands: Candidates) -> Candidates:
+        table = self.table
+        if table is None:
+            return cands
+        table.flush()
+        index = self._index_of_rows(cands.row_ids)
+        items = np.where(cands.valid, index[np.maximum(cands.rows, 0)], 0)
+        boost = table.boost(self.recent(cands.requests), items)
+        scores = np.where(cands.valid, cands.scores + np.float32(self.weight) * boost, -np.inf)
+        return replace(cands, scores=scores.astype(np.float32))
+
+    def observe(self, requests: Sequence[SlateRequest]) -> None:
+        """Count each request's newest step after the steps before it."""
+        table = self.table
+        if table is None:
+            return
+        get, keep = self.vocab.get, table.config.window + 1
+        for req in requests:
+            items = step_items(req.history)
+            idx = [get(i, 0) for i in items[-keep:]]
+            if len(idx) >= 2:
+                table.observe(idx[:-1], idx[-1])
+
+
 #: Diversity orderings of the order stage (``serving.ordering``).
 ORDERINGS: tuple[str, ...] = ("dcg", "mmr")
 
@@ -422,6 +489,8 @@ class PipelineSettings(Protocol):
     def ordering(self) -> str: ...
     @property
     def rerank_candidates(self) -> int | None: ...
+    @property
+    def covisit_weight(self) -> float | None: ...
 
 
 #: Diversity weight of a scorer that has none chosen on validation (``serving.calibration``).
@@ -444,7 +513,14 @@ def resolve_diversity(setting: float | None, ordering: str, scorer: object) -> t
 class Pipeline:
     """encode -> retrieve -> filter -> rerank -> order over a batch of requests."""
 
-    STAGES: ClassVar[tuple[str, ...]] = ("encode", "retrieve", "filter", "rerank", "order")
+    STAGES: ClassVar[tuple[str, ...]] = (
+        "encode",
+        "retrieve",
+        "filter",
+        "rerank",
+        "covisit",
+        "order",
+    )
 
     def __init__(
         self,
@@ -467,10 +543,13 @@ class Pipeline:
         fresh_slots: int = 1,
         rerank_top: int | None = None,
         diversity_source: str = "argument",
+        covisit_weight: float | None = None,
     ) -> None:
         """``rerank_top``: candidates per user the reranker scores (``RerankStage``); None:
         as many as the reranker was trained on (its ``trained_candidates``), else all.
-        ``diversity_source``: where ``diversity`` came from, for the start-up log."""
+        ``diversity_source``: where ``diversity`` came from, for the start-up log.
+        ``covisit_weight``: weight of the encoder's co-visitation table (its ``covisit``);
+        None: the weight stored with it; 0: off."""
         if encoder.dim != index.dim:
             raise ValueError(
                 f"pipeline: expected encoder dim == index dim, got {encoder.dim} and {index.dim}"
@@ -501,6 +580,11 @@ class Pipeline:
         if rerank_top is None:
             rerank_top = getattr(reranker, "trained_candidates", None)
         self.rerank = RerankStage(reranker or RetrievalScoreReranker(), rerank_top)
+        table: CoVisitation | None = getattr(encoder, "covisit", None)
+        if table is not None and covisit_weight is not None:
+            table = table.with_weight(covisit_weight)
+        vocab = getattr(encoder, "vocab", None)
+        self.covisit = CoVisitStage(table, getattr(vocab, "index", None))
         self.order = OrderStage(
             index,
             rows,
@@ -560,6 +644,7 @@ class Pipeline:
             filter_seen=settings.filter_seen,
             ordering=settings.ordering,
             rerank_top=settings.rerank_candidates,
+            covisit_weight=settings.covisit_weight,
             diversity_source=source,
             **params,
         )
@@ -584,6 +669,9 @@ class Pipeline:
         t = self._timed(self.filter.name, t)
         cands = self.rerank(cands)
         t = self._timed(self.rerank.name, t)
+        cands = self.covisit(cands)
+        self.covisit.observe(reqs)
+        t = self._timed(self.covisit.name, t)
         ordered = self.order(cands)
         slates = self._slates(ordered, self._fresh_choices(encoded))
         self._timed(self.order.name, t)

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
         "dcg", description="slate ordering: dcg (expected-gain MMR) or mmr (min-max MMR)"
     )
     filter_seen: bool = False
+    covisit_weight: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="weight of the model's item-to-item co-visitation boost; unset: the "
+        "weight chosen on validation and stored with the model; 0: off",
+    )
     fresh_slots: int = Field(
         1, ge=0, le=10, description="slate places reserved for new (text-embedded) items"
     )

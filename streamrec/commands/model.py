@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from serving.covisit import CoVisitFit
 
 FORMAT_HELP = "s3rec | ml-100k | ml-1m | rechorus | yoochoose | events"
 
@@ -57,8 +60,13 @@ def train(
     max_attrs: Annotated[int, typer.Option(help="attributes kept per item")] = 8,
     max_minutes: Annotated[float | None, typer.Option(help="training time budget")] = None,
     progress: bool = True,
+    covisit: Annotated[
+        bool,
+        typer.Option(help="also count item-to-item co-visitation and fit its weight"),
+    ] = True,
 ) -> None:
-    """Train the sequence encoder (leave-one-out; early stop on validation NDCG@10)."""
+    """Train the sequence encoder (leave-one-out; early stop on validation NDCG@10), then
+    the co-visitation table beside it and the slate calibration."""
     if not progress:
         _log_epochs()
     # torch is imported here so the CLI's other commands start fast.
@@ -119,6 +127,12 @@ def train(
         attributes=result.attributes,
     )
     typer.echo(f"saved {version} to {out}")
+    if covisit and split.cases("valid"):
+        from serving.covisit import fit_covisit, store_covisit
+
+        fit = fit_covisit(result.model, split, log_, len(vocab.ids), max_len=max_len)
+        store_covisit(out, fit.table, fit)
+        echo_covisit(fit)
     if split.cases("valid"):
         from serving.artifacts import load_model
         from serving.slate_eval import calibrate
@@ -133,6 +147,20 @@ def train(
             echo_calibrated(cal)
 
 
+def echo_covisit(fit: CoVisitFit) -> None:
+    """One line: the co-visitation table and the weight validation chose."""
+    tried = ", ".join(f"{w:g}: {v:.4f}" for w, v in fit.ndcg_by_weight.items())
+    weight = fit.table.config.weight
+    typer.echo(
+        f"co-visitation: {len(fit.table):,} item pairs; weight {weight:g} "
+        + (f"(validation NDCG@10 {fit.gain:+.1%}" if weight else "(off: no validation gain")
+        + f"; tried {tried} on {fit.users:,} users)"
+    )
+
+
+COVISIT_MODES = ("online", "stored", "off")
+
+
 def evaluate(
     model: Annotated[Path, typer.Option(help="model directory written by `streamrec train`")],
     data: Annotated[Path, typer.Option(help="interaction log (file or folder; .gz is fine)")],
@@ -141,14 +169,25 @@ def evaluate(
     split: Annotated[str, typer.Option(help="test | valid")] = "test",
     exclude_history: bool = False,
     device: str = "auto",
+    covisit: Annotated[
+        str,
+        typer.Option(
+            help="co-visitation rows: online (counted from every step before the held-out "
+            "one, as the worker counts them) | stored (the table saved at training) | off"
+        ),
+    ] = "online",
 ) -> None:
-    """Full-ranking leave-one-out HR/NDCG@{5,10,20} of a saved model on a log."""
+    """Full-ranking leave-one-out HR/NDCG@{5,10,20} of a saved model on a log: the encoder
+    alone and, when the model has a co-visitation weight, the encoder with it."""
     from serving.artifacts import ArtifactError, load_model
+    from serving.covisit import CoVisitation, batch_booster, sequences_before
     from serving.data import DataError, EncodedLog, leave_one_out, load_interactions
     from serving.evaluate import evaluate_split, print_reports, write_json
 
     if split not in ("test", "valid"):
         raise _fail(f"evaluate: expected --split test or valid, got {split!r}")
+    if covisit not in COVISIT_MODES:
+        raise _fail(f"evaluate: expected --covisit in {list(COVISIT_MODES)}, got {covisit!r}")
     try:
         loaded = load_model(model, device=device)
         interactions = load_interactions(data, fmt)
@@ -157,22 +196,77 @@ def evaluate(
     loo = leave_one_out(interactions)
     if not loo.cases(split):
         raise _fail(f"evaluate: expected users with >= 3 interactions in {data}, found none")
+    log_ = EncodedLog(interactions, loaded.vocab)
     report = evaluate_split(
-        loaded.model,
-        loo,
-        EncodedLog(interactions, loaded.vocab),
-        split,
-        max_len=loaded.max_len,
-        exclude_history=exclude_history,
+        loaded.model, loo, log_, split, max_len=loaded.max_len, exclude_history=exclude_history
     )
     report.extra = {"model_version": loaded.version, "data": str(data), "format": fmt}
-    print_reports({loaded.version: report})
+    reports = {loaded.version: report}
+    table = loaded.covisit
+    payload = report.to_json()
+    if table is not None and table.config.weight > 0 and covisit != "off":
+        if covisit == "online":
+            seqs = sequences_before(loo, log_, split)
+            table = CoVisitation.build(seqs, len(loaded.vocab), table.config)
+        with_table = evaluate_split(
+            loaded.model,
+            loo,
+            log_,
+            split,
+            max_len=loaded.max_len,
+            exclude_history=exclude_history,
+            boost=batch_booster(table),
+        )
+        with_table.extra = {
+            **report.extra,
+            "covisit": covisit,
+            "covisit_weight": table.config.weight,
+            "covisit_pairs": len(table),
+        }
+        reports[f"+ co-visitation ({covisit})"] = with_table
+        payload["covisit"] = with_table.to_json()
+    print_reports(reports)
     if json_out is not None:
-        write_json(report.to_json(), json_out)
+        write_json(payload, json_out)
         typer.echo(f"wrote {json_out}")
+
+
+def covisit(
+    model: Annotated[Path, typer.Option(help="model directory written by `streamrec train`")],
+    data: Annotated[Path, typer.Option(help="interaction log the model was trained on")],
+    fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)],
+    window: Annotated[int, typer.Option(help="count items up to this many steps later")] = 3,
+    lookback: Annotated[int, typer.Option(help="newest items of a user that boost")] = 3,
+    top_k: Annotated[int, typer.Option(help="pairs kept per item")] = 200,
+    device: str = "auto",
+) -> None:
+    """Count item-to-item co-visitation on the training steps, choose its weight on the
+    validation split and store both beside the model (`streamrec train` does this itself)."""
+    from serving.artifacts import ArtifactError, load_model
+    from serving.covisit import CoVisitConfig, fit_covisit, store_covisit
+    from serving.data import DataError, EncodedLog, leave_one_out, load_interactions
+
+    try:
+        loaded = load_model(model, device=device)
+        loo = leave_one_out(load_interactions(data, fmt))
+        config = CoVisitConfig(window=window, lookback=lookback, top_k=top_k)
+        fit = fit_covisit(
+            loaded.model,
+            loo,
+            EncodedLog(loo.data, loaded.vocab),
+            len(loaded.vocab),
+            max_len=loaded.max_len,
+            config=config,
+        )
+        store_covisit(model, fit.table, fit)
+    except (ArtifactError, DataError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    echo_covisit(fit)
+    typer.echo(f"stored in {model}")
 
 
 def register(app: typer.Typer) -> None:
     """Add ``train`` and ``evaluate`` to ``app``."""
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+    app.command("covisit")(covisit)

@@ -277,6 +277,7 @@ class FakeSettings:
     filter_seen = False
     ordering = "mmr"
     rerank_candidates: int | None = None
+    covisit_weight: float | None = None
 
 
 def test_from_settings(world: tuple[MeanEncoder, Catalog]) -> None:
