@@ -35,7 +35,9 @@ from typing import Any
 import numpy as np
 
 from serving.calibration import Calibration, SlateWeight, fit_temperature, store_calibration
+from serving.covisit import CoVisitation, recent_items
 from serving.data import EncodedLog, EvalCase, LeaveOneOut
+from serving.encoder import collate
 from serving.evaluate import evaluate_split
 from serving.ordering import coverage, diversify, dpp, intra_list_diversity
 from serving.reranker import (
@@ -300,6 +302,16 @@ def calibrate(
         seq_len=reranker.cfg.max_len if reranker is not None else 1,
     )
     scored = {"retrieval": logged.retrieval}
+    covisit = getattr(encoder, "covisit", None)
+    if isinstance(covisit, CoVisitation) and covisit.config.weight > 0:
+        # The order stage sees retrieval + co-visitation: fit what it will read.
+        depth = covisit.config.lookback
+        recent = recent_items(
+            collate([log_.prefix(c.user, c.cut, depth) for c in cases], length=depth).items,
+            depth,
+        )
+        boost = covisit.boost(recent, logged.cand) * np.float32(covisit.config.weight)
+        scored["retrieval"] = logged.retrieval + boost
     if reranker is not None:
         scored["rerank"] = score_logged(reranker.net, logged)
     fits = {name: fit_temperature(scores, logged.target_pos) for name, scores in scored.items()}

@@ -11,6 +11,7 @@ import typer
 
 if TYPE_CHECKING:
     from serving.covisit import CoVisitFit
+    from serving.data import LeaveOneOut
 
 FORMAT_HELP = "s3rec | ml-100k | ml-1m | rechorus | yoochoose | events"
 
@@ -134,17 +135,24 @@ def train(
         store_covisit(out, fit.table, fit)
         echo_covisit(fit)
     if split.cases("valid"):
-        from serving.artifacts import load_model
-        from serving.slate_eval import calibrate
-        from streamrec.commands.rerank import echo_calibrated
+        _calibrate(out, split, len(vocab.ids))
 
-        n_items = len(vocab.ids)
-        try:
-            cal = calibrate(load_model(out), split, candidates=min(100, n_items), model_dir=out)
-        except ValueError as exc:  # e.g. no validation target retrieved: T stays 1
-            typer.secho(f"calibration skipped: {exc}", err=True, fg=typer.colors.YELLOW)
-        else:
-            echo_calibrated(cal)
+
+def _calibrate(model_dir: Path, split: LeaveOneOut, n_items: int) -> None:
+    """Fit the slate calibration of a saved model (after its co-visitation table, whose boost
+    is part of the scores the slate ordering reads)."""
+    from serving.artifacts import load_model
+    from serving.slate_eval import calibrate
+    from streamrec.commands.rerank import echo_calibrated
+
+    try:
+        cal = calibrate(
+            load_model(model_dir), split, candidates=min(100, n_items), model_dir=model_dir
+        )
+    except ValueError as exc:  # e.g. no validation target retrieved: T stays 1
+        typer.secho(f"calibration skipped: {exc}", err=True, fg=typer.colors.YELLOW)
+    else:
+        echo_calibrated(cal)
 
 
 def echo_covisit(fit: CoVisitFit) -> None:
@@ -241,7 +249,8 @@ def covisit(
     device: str = "auto",
 ) -> None:
     """Count item-to-item co-visitation on the training steps, choose its weight on the
-    validation split and store both beside the model (`streamrec train` does this itself)."""
+    validation split and store both beside the model, then refit the slate calibration
+    (`streamrec train` does all of this itself)."""
     from serving.artifacts import ArtifactError, load_model
     from serving.covisit import CoVisitConfig, fit_covisit, store_covisit
     from serving.data import DataError, EncodedLog, leave_one_out, load_interactions
@@ -262,6 +271,7 @@ def covisit(
     except (ArtifactError, DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     echo_covisit(fit)
+    _calibrate(model, loo, len(loaded.vocab))
     typer.echo(f"stored in {model}")
 
 
