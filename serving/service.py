@@ -171,6 +171,9 @@ class Recommender:
             lookups.labels(result="hit").inc(cache.hits - before[0])
             lookups.labels(result="miss").inc(cache.misses - before[1])
             self.metrics.encoder_cache_users.set(len(cache))
+        table = pipeline.covisit.table
+        if self.metrics is not None:
+            self.metrics.covisit_pairs.set(len(table) if table is not None else 0)
         return slates
 
     # --- catalog ------------------------------------------------------------------------

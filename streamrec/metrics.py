@@ -56,6 +56,7 @@ class Metrics:
     index_updated: Gauge
     encoder_cache_lookups: Counter
     encoder_cache_users: Gauge
+    covisit_pairs: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -197,6 +198,12 @@ class Metrics:
             encoder_cache_users=Gauge(
                 "streamrec_encoder_cache_users",
                 "Users whose encoder keys/values are cached in this worker.",
+                registry=r,
+            ),
+            covisit_pairs=Gauge(
+                "streamrec_covisit_pairs",
+                "Item pairs in this worker's co-visitation table (grows as it counts served "
+                "events; 0 when the model has none or it is off).",
                 registry=r,
             ),
         )

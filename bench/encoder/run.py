@@ -28,9 +28,11 @@ from rich.console import Console
 from bench.encoder.sasrec import SASRec, SASRecConfig, bce_one_negative
 from bench.encoder.speed import measure
 from serving.artifacts import load_model, save_model
+from serving.covisit import CoVisitation, batch_booster, fit_covisit, sequences_before
 from serving.data import (
     EncodedLog,
     ItemVocab,
+    LeaveOneOut,
     leave_one_out,
     load_interactions,
     load_item_attributes,
@@ -85,6 +87,39 @@ def _reuse(model_dir: Path, device: str) -> tuple[TrainResult, list[str]]:
     return result, list(loaded.item_ids())
 
 
+def _covisit_rows(
+    name: str,
+    model: torch.nn.Module,
+    table: CoVisitation,
+    split: LeaveOneOut,
+    log_: EncodedLog,
+    max_len: int,
+    reports: dict[str, EvalReport],
+) -> dict[str, object]:
+    """Test rows of ``model`` + co-visitation at the table's validation-chosen weight, with the
+    counts of the training steps ('stored') and of every step before the test one ('online',
+    what the worker holds); adds them to ``reports``."""
+    online = CoVisitation.build(
+        sequences_before(split, log_, "test"), table.num_items, table.config
+    )
+    out: dict[str, object] = {"weight": table.config.weight, "pairs": len(table)}
+    for mode, counts in (("stored", table), ("online", online)):
+        for excl in (False, True):
+            label = f"{name} + co-visitation ({mode}{', history excluded' if excl else ''})"
+            rep = evaluate_split(
+                model,  # type: ignore[arg-type]
+                split,
+                log_,
+                "test",
+                max_len=max_len,
+                exclude_history=excl,
+                boost=batch_booster(counts),
+            )
+            reports[label] = rep
+            out[f"test_{mode}{'_history_excluded' if excl else ''}"] = rep.to_json()
+    return out
+
+
 def _ratios(ours: dict[str, float], peer: dict[str, float]) -> dict[str, float | None]:
     return {k: round(v / peer[k], 3) if peer[k] > 0 else None for k, v in ours.items()}
 
@@ -129,6 +164,10 @@ def main(
         Path | None,
         typer.Option(help="evaluate this saved model of ours instead of training one"),
     ] = None,
+    covisit: Annotated[
+        bool,
+        typer.Option(help="also score both models with item-to-item co-visitation"),
+    ] = True,
     progress: bool = True,
 ) -> None:
     if dataset not in DATASETS:
@@ -210,6 +249,12 @@ def main(
             "reused_from": str(ours_model) if ours_model else None,
         },
     }
+    if covisit and split.cases("valid"):
+        stored = load_model(ours_model, device=device).covisit if ours_model else None
+        table = stored or fit_covisit(ours.model, split, log_, len(vocab), max_len=max_len).table
+        payload["ours_covisit"] = _covisit_rows(
+            "ours", ours.model, table, split, log_, max_len, reports
+        )
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = model_out or Path(tmp) / "model"
         save_model(
@@ -262,6 +307,16 @@ def main(
             "epochs_run": epochs_run,
             "train_seconds": peer_seconds,
         }
+        if "ours_covisit" in payload:
+            peer_table = fit_covisit(peer, split, log_, len(vocab), max_len=max_len).table
+            payload["peer_covisit"] = _covisit_rows(
+                "SASRec (peer)", peer, peer_table, split, log_, max_len, reports
+            )
+            for proto, key in (("", "ratio"), (", history excluded", "ratio_history_excluded")):
+                payload["ours_covisit"][key] = _ratios(  # type: ignore[index]
+                    reports[f"ours + co-visitation (online{proto})"].metrics,
+                    reports[f"SASRec (peer{', history excluded' if proto else ''})"].metrics,
+                )
         payload["ratio_ours_over_peer"] = _ratios(reports["ours"].metrics, peer_metrics)
         payload["ratio_ours_over_peer_history_excluded"] = _ratios(
             reports["ours (history excluded)"].metrics, peer_excl

@@ -493,9 +493,9 @@ def test_alerts_fire_on_sick_series_and_stay_quiet_on_healthy_ones(tmp_path: Pat
 def test_extract_queries_finds_every_panel_target_and_alert() -> None:
     queries = extract_queries()
     targets = sum(len(p["targets"]) for p in panels())
-    assert len([q for q in queries if q.kind == "panel"]) == targets == 43
+    assert len([q for q in queries if q.kind == "panel"]) == targets == 44
     assert len([q for q in queries if q.kind == "alert"]) == len(alert_rules()) == 9
-    assert len(queries) == 52
+    assert len(queries) == 53
     for q in queries:
         assert "$" not in q.expr, q.title
         assert "[[" not in q.expr, q.title
