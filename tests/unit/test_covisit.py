@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from serving.artifacts import load_model
 from serving.covisit import (
     FILE,
     CoVisitation,
@@ -24,10 +25,18 @@ from serving.covisit import (
     sequences_before,
     store_covisit,
 )
-from serving.data import EncodedLog, Interactions, ItemVocab, UserHistory, leave_one_out
+from serving.data import (
+    EncodedLog,
+    Interactions,
+    ItemVocab,
+    UserHistory,
+    leave_one_out,
+    load_interactions,
+)
 from serving.encoder import Batch
 from serving.evaluate import rank_targets
 from serving.pipeline import Pipeline, SlateRequest
+from serving.slate_eval import calibrate
 from serving.types import Step
 from streamrec.cli import app
 
@@ -319,6 +328,15 @@ def test_cli_covisit_and_evaluate_rows(tmp_path: Path) -> None:
     fit = config["covisit_fit"]["validation_ndcg10_by_weight"]
     assert fit[f"{config['covisit']['weight']:g}"] > fit["0"]
     assert (model / FILE).is_file()
+
+    # The stored calibration was fitted on the scores the order stage reads: with the boost.
+    loaded = load_model(model, device="cpu")
+    split = leave_one_out(load_interactions(data, "events"))
+    with_boost = calibrate(loaded, split, candidates=12).fits["retrieval"].temperature
+    assert with_boost == pytest.approx(config["calibration"]["temperature"], rel=1e-3)
+    loaded.covisit = None
+    without = calibrate(loaded, split, candidates=12).fits["retrieval"].temperature
+    assert without != pytest.approx(with_boost, rel=1e-3)
 
     out = tmp_path / "report.json"
     result = runner.invoke(
