@@ -549,7 +549,7 @@ class Pipeline:
         as many as the reranker was trained on (its ``trained_candidates``), else all.
         ``diversity_source``: where ``diversity`` came from, for the start-up log.
         ``covisit_weight``: weight of the encoder's co-visitation table (its ``covisit``);
-        None: the weight stored with it; 0: off."""
+        None: the weight stored with it, or off with a reranker; 0: off."""
         if encoder.dim != index.dim:
             raise ValueError(
                 f"pipeline: expected encoder dim == index dim, got {encoder.dim} and {index.dim}"
@@ -583,6 +583,10 @@ class Pipeline:
         table: CoVisitation | None = getattr(encoder, "covisit", None)
         if table is not None and covisit_weight is not None:
             table = table.with_weight(covisit_weight)
+        elif reranker is not None:
+            # Its weight was fitted on retrieval scores; with a reranker it is unmeasured, so
+            # it only applies when asked for (``covisit_weight``).
+            table = None
         vocab = getattr(encoder, "vocab", None)
         self.covisit = CoVisitStage(table, getattr(vocab, "index", None))
         self.order = OrderStage(

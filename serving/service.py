@@ -95,10 +95,13 @@ class Recommender:
             reranker=self.reranker,
         )
         log.info(
-            "slate ordering %s, diversity %g (%s); %s",
+            "slate ordering %s, diversity %g (%s); co-visitation %s; %s",
             self.settings.ordering,
             pipeline.order.diversity,
             pipeline.diversity_source,
+            f"weight {pipeline.covisit.weight:g}, {len(pipeline.covisit.table):,} pairs"
+            if pipeline.covisit.table is not None
+            else "off",
             "no reranker"
             if self.reranker is None
             else f"reranker {getattr(self.reranker, 'version', '?')} scores the top "

@@ -35,7 +35,7 @@ from serving.data import (
 )
 from serving.encoder import Batch
 from serving.evaluate import rank_targets
-from serving.pipeline import Pipeline, SlateRequest
+from serving.pipeline import Pipeline, RetrievalScoreReranker, SlateRequest
 from serving.slate_eval import calibrate
 from serving.types import Step
 from streamrec.cli import app
@@ -292,6 +292,16 @@ def test_pipeline_stage_boosts_and_counts_online() -> None:
         VocabEncoder(table), candidates=6, slate_size=3, diversity=0.0, covisit_weight=0.0
     )
     assert off.covisit.table is None
+    # Fitted on retrieval scores: with a reranker it applies only when asked for.
+    params = {"candidates": 6, "slate_size": 3, "diversity": 0.0}
+    reranked = Pipeline.from_encoder(
+        VocabEncoder(table), reranker=RetrievalScoreReranker(), **params
+    )
+    assert reranked.covisit.table is None
+    asked = Pipeline.from_encoder(
+        VocabEncoder(table), reranker=RetrievalScoreReranker(), covisit_weight=0.5, **params
+    )
+    assert asked.covisit.weight == 0.5
     assert off.recommend([SlateRequest("u", steps("i0"))])[0].scores == [0.0, 0.0, 0.0]
 
 
