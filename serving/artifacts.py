@@ -470,4 +470,9 @@ def load_model(
             loaded.covisit = CoVisitation.load(path, covisit)
         except CoVisitError as exc:
             raise ArtifactError(str(exc)) from exc
+        if loaded.covisit is not None and loaded.covisit.num_items != cfg.num_items:
+            raise ArtifactError(
+                f"{STAGE}: expected a co-visitation table over the model's {cfg.num_items} "
+                f"items in {path}, got one over {loaded.covisit.num_items}"
+            )
     return loaded

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from serving.artifacts import load_model
+from serving.artifacts import ArtifactError, load_model
 from serving.covisit import (
     FILE,
     CoVisitation,
@@ -394,3 +394,7 @@ def test_cli_covisit_and_evaluate_rows(tmp_path: Path) -> None:
     assert not (plain / FILE).exists()
     store_covisit(plain, CoVisitation(12, CoVisitConfig(weight=0.0)))
     assert json.loads((plain / "config.json").read_text())["covisit"]["weight"] == 0.0
+    assert load_model(plain).covisit is not None
+    store_covisit(plain, CoVisitation(7, CoVisitConfig(weight=1.0)))  # another catalogue
+    with pytest.raises(ArtifactError, match="co-visitation table over the model's 12 items"):
+        load_model(plain)
