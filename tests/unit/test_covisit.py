@@ -40,7 +40,7 @@ from serving.slate_eval import calibrate
 from serving.types import Step
 from streamrec.cli import app
 
-from .test_evaluate import FixedScorer, one, write_events
+from .test_evaluate import FixedScorer, one, tiny_train_args, write_events
 
 
 def reference_counts(
@@ -310,26 +310,7 @@ def test_cli_covisit_and_evaluate_rows(tmp_path: Path) -> None:
     data = write_events(tmp_path / "events.jsonl")
     model = tmp_path / "model"
     args = ["--data", str(data), "--format", "events"]
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            *args,
-            "--out",
-            str(model),
-            "--epochs",
-            "2",
-            "--dim",
-            "8",
-            "--heads",
-            "1",
-            "--max-len",
-            "6",
-            "--device",
-            "cpu",
-            "--no-progress",
-        ],
-    )
+    result = runner.invoke(app, tiny_train_args(data, model))
     assert result.exit_code == 0, result.output
     assert "co-visitation: " in result.output
     config = json.loads((model / "config.json").read_text())
@@ -370,25 +351,7 @@ def test_cli_covisit_and_evaluate_rows(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads((model / "config.json").read_text())["covisit"]["window"] == 1
     plain = tmp_path / "plain"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            *args,
-            "--out",
-            str(plain),
-            "--epochs",
-            "1",
-            "--dim",
-            "8",
-            "--heads",
-            "1",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--no-covisit",
-        ],
-    )
+    result = runner.invoke(app, tiny_train_args(data, plain, "--no-covisit"))
     assert result.exit_code == 0
     assert "covisit" not in json.loads((plain / "config.json").read_text())
     assert not (plain / FILE).exists()

@@ -103,30 +103,21 @@ def write_events(path: Path, users: int = 30, items: int = 12) -> Path:
     return path
 
 
+def tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """``streamrec train`` on an events file with a tiny model, on CPU, without a bar."""
+    return [
+        "train",
+        *("--data", str(data), "--format", "events", "--out", str(out)),
+        *("--epochs", "2", "--dim", "8", "--heads", "1", "--max-len", "6"),
+        *("--device", "cpu", "--no-progress", *extra),
+    ]
+
+
 def test_cli_train_then_evaluate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     runner = CliRunner()
     data = write_events(tmp_path / "events.jsonl")
     model = tmp_path / "model"
-    train_args = [
-        "train",
-        "--data",
-        str(data),
-        "--format",
-        "events",
-        "--out",
-        str(model),
-        "--epochs",
-        "2",
-        "--dim",
-        "8",
-        "--heads",
-        "1",
-        "--max-len",
-        "6",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    train_args = tiny_train_args(data, model)
     result = runner.invoke(app, train_args)
     assert result.exit_code == 0, result.output
     # Without a progress bar every epoch is logged.
