@@ -127,6 +127,7 @@ class CoVisitation:
         ):
             raise ValueError(f"{STAGE}: expected sorted distinct keys below {span}")
         self.merge_every, self.merge_after_s = merge_every, merge_after_s
+        self._starts = self._row_starts(self.keys)
         self._pending: dict[int, float] = {}
         self._pending_since = 0.0
         self.observed = 0  # transitions added online
@@ -149,13 +150,18 @@ class CoVisitation:
         keep.sort()
         return cls(num_items, config, keys[keep], counts[keep].astype(np.float32))
 
+    def _row_starts(self, keys: np.ndarray) -> np.ndarray:
+        """``(N + 2,)``: row ``a``'s pairs are ``keys[starts[a]:starts[a + 1]]``."""
+        span = self.num_items + 1
+        return np.searchsorted(keys, np.arange(span + 1, dtype=np.int64) * span)
+
     def __len__(self) -> int:
         return len(self.keys)
 
     def with_weight(self, weight: float) -> CoVisitation:
         """The same counts read with another weight."""
         out = CoVisitation(self.num_items, replace(self.config, weight=weight))
-        out.keys, out.counts = self.keys, self.counts
+        out.keys, out.counts, out._starts = self.keys, self.counts, self._starts
         return out
 
     # --- online ---------------------------------------------------------------------------
@@ -199,7 +205,9 @@ class CoVisitation:
             keep = np.argsort(-counts, kind="stable")[: int(self.config.max_pairs * 0.9)]
             keep.sort()
             keys, counts = keys[keep], counts[keep]
-        self.keys, self.counts = keys, counts  # swapped whole: readers see old or new
+        starts = self._row_starts(keys)
+        # Swapped whole, between batches (the same thread reads them).
+        self.keys, self.counts, self._starts = keys, counts, starts
         return True
 
     # --- reading --------------------------------------------------------------------------
@@ -216,34 +224,50 @@ class CoVisitation:
         out[ok] = np.where(keys[pos] == q, counts[pos], 0.0)
         return out
 
+    def _entries(self, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every pair of every user's newest items: ``(user, follower, gain)``, where gain is
+        ``lookback_decay ** j * log1p(count)`` for the user's ``j``-th newest item."""
+        cfg = self.config
+        depth = min(cfg.lookback, recent.shape[1])
+        a = np.clip(recent[:, :depth], 0, self.num_items)
+        lo = self._starts[a].ravel()
+        lens = self._starts[a + 1].ravel() - lo
+        total = int(lens.sum())
+        owner = np.repeat(np.arange(a.size), lens)
+        at = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(total)
+        decay = np.float32(cfg.lookback_decay) ** np.arange(depth, dtype=np.float32)
+        gain = decay[owner % depth] * np.log1p(self.counts[at])
+        return owner // depth, self.keys[at] % (self.num_items + 1), gain
+
     def boost(self, recent: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """``(B, C) float32`` boosts (unweighted) of ``candidates (B, C)`` for users whose
-        newest items are ``recent (B, L)``, newest first, 0-padded."""
-        cfg = self.config
+        newest items are ``recent (B, L)``, newest first, 0-padded. Gathers each user's rows
+        (a few hundred pairs) and looks the candidates up among them."""
         recent = np.asarray(recent, np.int64)
-        out = np.zeros(np.shape(candidates), np.float32)
-        for j in range(min(cfg.lookback, recent.shape[1] if recent.ndim == 2 else 0)):
-            a = np.broadcast_to(recent[:, j : j + 1], out.shape)
-            out += np.float32(cfg.lookback_decay**j) * np.log1p(self.lookup(a, candidates))
+        candidates = np.asarray(candidates, np.int64)
+        out = np.zeros(candidates.shape, np.float32)
+        if recent.ndim != 2 or not recent.shape[1] or not len(self.keys):
+            return out
+        user, item, gain = self._entries(recent)
+        if not len(user):
+            return out
+        span = self.num_items + 1
+        keys, inverse = np.unique(user * span + item, return_inverse=True)
+        gains = np.bincount(inverse, weights=gain, minlength=len(keys)).astype(np.float32)
+        wanted = (np.arange(len(candidates), dtype=np.int64)[:, None] * span + candidates).ravel()
+        pos = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        ok = candidates.ravel()
+        hit = (keys[pos] == wanted) & (ok > 0) & (ok <= self.num_items)
+        out.ravel()[hit] = gains[pos[hit]]
         return out
 
     def dense_boost(self, recent: np.ndarray) -> np.ndarray:
         """``(B, num_items + 1) float32``: :meth:`boost` of every item (evaluation)."""
-        cfg = self.config
         recent = np.asarray(recent, np.int64)
         out = np.zeros((len(recent), self.num_items + 1), np.float32)
-        span = self.num_items + 1
-        starts = np.searchsorted(self.keys, np.arange(span + 1, dtype=np.int64) * span)
-        for j in range(min(cfg.lookback, recent.shape[1])):
-            a = np.clip(recent[:, j], 0, self.num_items)
-            lo, hi = starts[a], starts[a + 1]
-            lens = hi - lo
-            if not lens.sum():
-                continue
-            user = np.repeat(np.arange(len(recent)), lens)
-            at = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
-            gain = np.float32(cfg.lookback_decay**j) * np.log1p(self.counts[at])
-            np.add.at(out, (user, self.keys[at] % span), gain)
+        if recent.ndim == 2 and recent.shape[1] and len(self.keys):
+            user, item, gain = self._entries(recent)
+            np.add.at(out, (user, item), gain)
         return out
 
     # --- files ----------------------------------------------------------------------------

@@ -311,20 +311,27 @@ class CoVisitStage:
             raise ValueError(f"{self.name}: expected the encoder's item vocabulary with a table")
         self.table = table if table is not None and table.config.weight > 0 else None
         self.vocab: dict[str, int] = vocab or {}
-        self._row_ids: np.ndarray | None = None
-        self._row_index = np.zeros(0, dtype=np.int64)
+        self._row_index = np.zeros(0, dtype=np.int64)  # -1 = not looked up yet
 
     @property
     def weight(self) -> float:
         return self.table.config.weight if self.table is not None else 0.0
 
-    def _index_of_rows(self, row_ids: np.ndarray) -> np.ndarray:
-        """Model item index of every index row (0 = an item the table does not know)."""
-        if row_ids is not self._row_ids:  # a new index snapshot
+    def _items_of(self, rows: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
+        """Model item index of each candidate row (0 = no row, or an item the table does
+        not know). Index rows are append-only, so each row is looked up once."""
+        if len(self._row_index) < len(row_ids):
+            grown = np.full(len(row_ids), -1, dtype=np.int64)
+            grown[: len(self._row_index)] = self._row_index
+            self._row_index = grown
+        safe = np.maximum(rows, 0)
+        found = self._row_index[safe]
+        missing = np.unique(safe[found < 0])
+        if len(missing):
             get = self.vocab.get
-            self._row_index = np.fromiter((get(i, 0) for i in row_ids), np.int64, len(row_ids))
-            self._row_ids = row_ids
-        return self._row_index
+            self._row_index[missing] = [get(row_ids[r], 0) for r in missing.tolist()]
+            found = self._row_index[safe]
+        return np.where(rows >= 0, found, 0)
 
     def recent(self, requests: Sequence[SlateRequest]) -> np.ndarray:
         """``(B, lookback)`` each user's newest item indices, newest first, 0-padded."""
@@ -343,8 +350,7 @@ class CoVisitStage:
         if table is None:
             return cands
         table.flush()
-        index = self._index_of_rows(cands.row_ids)
-        items = np.where(cands.valid, index[np.maximum(cands.rows, 0)], 0)
+        items = self._items_of(cands.rows, cands.row_ids)
         boost = table.boost(self.recent(cands.requests), items)
         scores = np.where(cands.valid, cands.scores + np.float32(self.weight) * boost, -np.inf)
         return replace(cands, scores=scores.astype(np.float32))

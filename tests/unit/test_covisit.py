@@ -287,6 +287,12 @@ def test_pipeline_stage_boosts_and_counts_online() -> None:
     for _ in range(3):
         pipe.recommend([SlateRequest("v", steps("i1", "i5"))])
     assert pipe.recommend([SlateRequest("w", steps("i1"))])[0].item_ids[0] == "i5"
+    # Index rows added later (a new catalogue item) are looked up as they appear: an item
+    # the table does not know gets no boost, the known ones keep theirs.
+    pipe.index.upsert(["fresh"], np.zeros((1, 2), dtype=np.float32))
+    fresh = pipe.recommend([SlateRequest("x", steps("i0"))])[0]
+    assert fresh.item_ids[:2] == ["i4", "i2"]
+    assert fresh.scores[fresh.item_ids.index("fresh")] == 0.0
 
     off = Pipeline.from_encoder(
         VocabEncoder(table), candidates=6, slate_size=3, diversity=0.0, covisit_weight=0.0
