@@ -290,9 +290,9 @@ def test_pipeline_stage_boosts_and_counts_online() -> None:
     # Index rows added later (a new catalogue item) are looked up as they appear: an item
     # the table does not know gets no boost, the known ones keep theirs.
     pipe.index.upsert(["fresh"], np.zeros((1, 2), dtype=np.float32))
-    fresh = pipe.recommend([SlateRequest("x", steps("i0"))])[0]
-    assert fresh.item_ids[:2] == ["i4", "i2"]
-    assert fresh.scores[fresh.item_ids.index("fresh")] == 0.0
+    assert pipe.recommend([SlateRequest("x", steps("i0"))])[0].item_ids[:2] == ["i4", "i2"]
+    rows = np.array([[6, 4, -1]])  # the new row, i4's row, no candidate
+    assert pipe.covisit._items_of(rows, pipe.index.row_ids()).tolist() == [[0, 5, 0]]
 
     off = Pipeline.from_encoder(
         VocabEncoder(table), candidates=6, slate_size=3, diversity=0.0, covisit_weight=0.0
