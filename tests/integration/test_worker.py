@@ -158,7 +158,8 @@ def test_metrics_carry_the_design_names(settings: Settings, shop: SyntheticShop)
     assert text["streamrec_session_users"] > 0
     assert any(k.startswith("streamrec_model_info{") and v == 1 for k, v in text.items())
     stages = {k.split('stage="')[1].split('"')[0] for k in text if 'stage="' in k}
-    assert stages == {"encode", "retrieve", "filter", "rerank", "order"}
+    assert stages == {"encode", "retrieve", "filter", "rerank", "covisit", "order"}
+    assert "streamrec_covisit_pairs" in text
 
 
 def _category_share(slate: dict[str, Any], shop: SyntheticShop, category: str) -> float:
