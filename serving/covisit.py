@@ -14,8 +14,9 @@ validation split (:func:`choose_weight`; 0 switches the table off) and stored wi
 The table is built from the training sequences (``streamrec train``, ``streamrec covisit``) and
 keeps counting in the worker: every event adds its transitions (:meth:`CoVisitation.observe`),
 so pairs that appear after training are recommended within a second. Storage is one sorted
-``int64`` key array (``a * (N + 1) + b``) with its counts, so a batch's lookups are one
-``searchsorted``; new counts wait in a small dict and are merged in batches. Rows are cut to
+``int64`` key array (``a * (N + 1) + b``) with its counts and a row pointer, so a batch gathers
+each user's rows and looks its candidates up among those few hundred pairs; new counts wait
+in a small dict and are merged in batches. Rows are cut to
 the ``top_k`` largest counts at build time, and the table to ``max_pairs`` pairs online.
 """
 
