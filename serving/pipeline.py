@@ -333,10 +333,9 @@ class CoVisitStage:
             found = self._row_index[safe]
         return np.where(rows >= 0, found, 0)
 
-    def recent(self, requests: Sequence[SlateRequest]) -> np.ndarray:
-        """``(B, lookback)`` each user's newest item indices, newest first, 0-padded."""
-        assert self.table is not None
-        depth = self.table.config.lookback
+    def newest(self, requests: Sequence[SlateRequest], depth: int) -> np.ndarray:
+        """``(B, depth)`` each user's newest item indices, newest first, 0-padded (0 also
+        for an item the table does not know)."""
         out = np.zeros((len(requests), depth), dtype=np.int64)
         get = self.vocab.get
         for b, req in enumerate(requests):
@@ -346,26 +345,20 @@ class CoVisitStage:
         return out
 
     def __call__(self, cands: Candidates) -> Candidates:
+        """Boost the candidates, then count each request's newest step after the steps
+        before it (one read of the histories serves both)."""
         table = self.table
         if table is None:
             return cands
         table.flush()
+        cfg = table.config
+        newest = self.newest(cands.requests, max(cfg.lookback, cfg.window + 1))
         items = self._items_of(cands.rows, cands.row_ids)
-        boost = table.boost(self.recent(cands.requests), items)
+        boost = table.boost(newest[:, : cfg.lookback], items)
         scores = np.where(cands.valid, cands.scores + np.float32(self.weight) * boost, -np.inf)
+        for row in newest[:, : cfg.window + 1].tolist():
+            table.observe(row[:0:-1], row[0])
         return replace(cands, scores=scores.astype(np.float32))
-
-    def observe(self, requests: Sequence[SlateRequest]) -> None:
-        """Count each request's newest step after the steps before it."""
-        table = self.table
-        if table is None:
-            return
-        get, keep = self.vocab.get, table.config.window + 1
-        for req in requests:
-            items = step_items(req.history)
-            idx = [get(i, 0) for i in items[-keep:]]
-            if len(idx) >= 2:
-                table.observe(idx[:-1], idx[-1])
 
 
 #: Diversity orderings of the order stage (``serving.ordering``).
@@ -680,7 +673,6 @@ class Pipeline:
         cands = self.rerank(cands)
         t = self._timed(self.rerank.name, t)
         cands = self.covisit(cands)
-        self.covisit.observe(reqs)
         t = self._timed(self.covisit.name, t)
         ordered = self.order(cands)
         slates = self._slates(ordered, self._fresh_choices(encoded))
