@@ -1,5 +1,5 @@
 """The transport-free recommendation pipeline:
-encode -> retrieve -> filter -> rerank -> covisit -> order.
+encode -> retrieve -> filter -> covisit -> rerank -> order.
 
 Each stage is a small class with a stable ``name`` (log text, the ``stage`` metric label, error
 text) that maps one frozen dataclass to the next. Everything works on whole batches: one
@@ -12,8 +12,11 @@ Decisions:
   event (the last step), which the user is looking at right now. ``filter_seen=True`` drops
   every history item.
 - Co-visitation (``serving.covisit``, when the model has a table with a weight): each
-  candidate's score gains ``weight * boost`` from how often it followed the user's newest
-  items; every request's trigger step is counted into the table as it passes.
+  candidate's retrieval score gains ``weight * boost`` from how often it followed the user's
+  newest items, before the reranker, which reads the boost itself when it was trained with
+  the table (``RerankerConfig.covisit``); a reranker trained without it switches the table
+  off unless a weight is given. Every request's trigger step is counted into the table as
+  it passes.
 - Cold users (no history step on an item the index knows): the encoder is not called for them;
   they get ``fallback_vector`` as their user vector, by default the mean item vector of the
   index at construction (``popularity_vector`` builds a popularity-weighted one).
@@ -74,6 +77,7 @@ class Candidates:
     scores: np.ndarray  # (B, C) float32 current ranking score, -inf where rows == -1
     row_ids: np.ndarray  # (R,) object item id by row (index snapshot)
     index_version: str
+    covisit: np.ndarray | None = None  # (B, C) float32 unweighted co-visitation boost, if any
 
     @property
     def valid(self) -> np.ndarray:  # (B, C) bool
@@ -276,6 +280,7 @@ class RerankStage:
             rows=cols(cands.rows, head),
             retrieval_scores=cols(cands.retrieval_scores, head),
             scores=cols(cands.scores, head),
+            covisit=cols(cands.covisit, head) if cands.covisit is not None else None,
         )
         top_scores = self._score(sub)
         rest = below_scored(top_scores, cols(cands.retrieval_scores, tail))
@@ -301,8 +306,9 @@ class RerankStage:
 
 
 class CoVisitStage:
-    """Adds ``weight * boost`` (``serving.covisit``) to each candidate's current score and
-    counts each request's newest step into the table. Without a table it passes through."""
+    """Adds ``weight * boost`` (``serving.covisit``) to each candidate's retrieval score (and
+    current score), hands the unweighted boost on for the reranker (``Candidates.covisit``)
+    and counts each request's newest step into the table. Without a table it passes through."""
 
     name: ClassVar[str] = "covisit"
 
@@ -355,10 +361,22 @@ class CoVisitStage:
         newest = self.newest(cands.requests, max(cfg.lookback, cfg.window + 1))
         items = self._items_of(cands.rows, cands.row_ids)
         boost = table.boost(newest[:, : cfg.lookback], items)
-        scores = np.where(cands.valid, cands.scores + np.float32(self.weight) * boost, -np.inf)
+        weighted = np.float32(self.weight) * boost
+        valid = cands.valid
+        retrieval = np.where(valid, cands.retrieval_scores + weighted, -np.inf).astype(np.float32)
+        scores = (
+            retrieval
+            if cands.scores is cands.retrieval_scores
+            else np.where(valid, cands.scores + weighted, -np.inf).astype(np.float32)
+        )
         for row in newest[:, : cfg.window + 1].tolist():
             table.observe(row[:0:-1], row[0])
-        return replace(cands, scores=scores.astype(np.float32))
+        return replace(
+            cands,
+            retrieval_scores=retrieval,
+            scores=scores,
+            covisit=np.where(valid, boost, 0.0).astype(np.float32),
+        )
 
 
 #: Diversity orderings of the order stage (``serving.ordering``).
@@ -510,14 +528,14 @@ def resolve_diversity(setting: float | None, ordering: str, scorer: object) -> t
 
 
 class Pipeline:
-    """encode -> retrieve -> filter -> rerank -> order over a batch of requests."""
+    """encode -> retrieve -> filter -> covisit -> rerank -> order over a batch of requests."""
 
     STAGES: ClassVar[tuple[str, ...]] = (
         "encode",
         "retrieve",
         "filter",
-        "rerank",
         "covisit",
+        "rerank",
         "order",
     )
 
@@ -548,7 +566,8 @@ class Pipeline:
         as many as the reranker was trained on (its ``trained_candidates``), else all.
         ``diversity_source``: where ``diversity`` came from, for the start-up log.
         ``covisit_weight``: weight of the encoder's co-visitation table (its ``covisit``);
-        None: the weight stored with it, or off with a reranker; 0: off."""
+        None: the weight stored with it, or off with a reranker trained without the table
+        (``RerankerConfig.covisit``); 0: off."""
         if encoder.dim != index.dim:
             raise ValueError(
                 f"pipeline: expected encoder dim == index dim, got {encoder.dim} and {index.dim}"
@@ -582,9 +601,9 @@ class Pipeline:
         table: CoVisitation | None = getattr(encoder, "covisit", None)
         if table is not None and covisit_weight is not None:
             table = table.with_weight(covisit_weight)
-        elif reranker is not None:
-            # Its weight was fitted on retrieval scores; with a reranker it is unmeasured, so
-            # it only applies when asked for (``covisit_weight``).
+        elif reranker is not None and not getattr(getattr(reranker, "cfg", None), "covisit", False):
+            # A reranker trained without the table never saw boosted retrieval scores, so
+            # the table only applies when asked for (``covisit_weight``).
             table = None
         vocab = getattr(encoder, "vocab", None)
         self.covisit = CoVisitStage(table, getattr(vocab, "index", None))
@@ -670,10 +689,10 @@ class Pipeline:
         t = self._timed(self.retrieve.name, t)
         cands = self.filter(cands)
         t = self._timed(self.filter.name, t)
-        cands = self.rerank(cands)
-        t = self._timed(self.rerank.name, t)
         cands = self.covisit(cands)
         t = self._timed(self.covisit.name, t)
+        cands = self.rerank(cands)
+        t = self._timed(self.rerank.name, t)
         ordered = self.order(cands)
         slates = self._slates(ordered, self._fresh_choices(encoded))
         self._timed(self.order.name, t)

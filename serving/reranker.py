@@ -9,7 +9,11 @@ Per candidate, one token built from what the retriever does not see:
 - the user's history with the item: steps since the last interaction (log2 buckets, 0 = never),
   the event type of that interaction, and how often it occurs in the history;
 - category ids (mean of up to ``max_categories`` embeddings) and a price bucket, when the
-  training data had them (frozen per-item tables; 0 = unknown).
+  training data had them (frozen per-item tables; 0 = unknown);
+- with ``covisit`` (an encoder with a co-visitation table, ``serving.covisit``): the
+  candidate's unweighted co-visitation boost from the user's newest items, and whether it has
+  one. The retrieval score it reads is then the boosted one, as the pipeline's covisit stage
+  hands it over.
 
 Candidate tokens run ``layers`` blocks of [self-attention across the candidate set,
 cross-attention to the user's recent sequence (item + event-type + position embeddings, one
@@ -48,6 +52,7 @@ from torch import nn
 
 from serving.calibration import slate_weight_of, temperature_of
 from serving.configs import config_from_dict, config_to_dict
+from serving.covisit import CoVisitation, recent_items
 from serving.data import EncodedLog, ItemVocab, LeaveOneOut, sequence_features
 from serving.encoder import SequenceEncoder, collate
 from serving.evaluate import metrics_from_ranks
@@ -87,6 +92,7 @@ class RerankerConfig:
     next_action: bool = False  # train the next-event-type / purchase head
     purchase_horizon: int = 5
     encoder_version: str = ""
+    covisit: bool = False  # reads the co-visitation boost of each candidate
 
     def __post_init__(self) -> None:
         if self.num_items < 1 or self.item_dim < 1:
@@ -172,12 +178,14 @@ class RerankInputs:
     seq_items, seq_types: (B, L) int64, left-padded, 0 = padding.
     cand_items: (B, C) int64 vocabulary indices, 0 = invalid candidate.
     retrieval: (B, C) float32 retrieval scores (ignored where cand_items == 0).
+    covisit: (B, C) float32 unweighted co-visitation boosts, or None (read as zeros).
     """
 
     seq_items: torch.Tensor
     seq_types: torch.Tensor
     cand_items: torch.Tensor
     retrieval: torch.Tensor
+    covisit: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> RerankInputs:
         return RerankInputs(
@@ -185,6 +193,7 @@ class RerankInputs:
             self.seq_types.to(device),
             self.cand_items.to(device),
             self.retrieval.to(device),
+            self.covisit.to(device) if self.covisit is not None else None,
         )
 
 
@@ -195,6 +204,11 @@ def check_inputs(x: RerankInputs) -> None:
         raise ValueError(
             f"{STAGE}: expected cand_items and retrieval (B, C), got "
             f"{tuple(x.cand_items.shape)} and {tuple(x.retrieval.shape)}"
+        )
+    if x.covisit is not None and x.covisit.shape != x.cand_items.shape:
+        raise ValueError(
+            f"{STAGE}: expected covisit boosts {tuple(x.cand_items.shape)}, got "
+            f"{tuple(x.covisit.shape)}"
         )
     if x.seq_items.ndim != 2 or x.seq_items.shape[0] != b or x.seq_types.shape != x.seq_items.shape:
         raise ValueError(
@@ -309,6 +323,8 @@ class RerankerNet(nn.Module):
         self.price_emb = (
             nn.Embedding(cfg.price_buckets + 1, d, padding_idx=0) if cfg.price_buckets else None
         )
+        # Boost and has-boost flag; only in a reranker trained with the table.
+        self.covisit_proj = nn.Linear(2, d) if cfg.covisit else None
         self.cand_ln = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.layers))
@@ -435,6 +451,11 @@ class RerankerNet(nn.Module):
         )
         tok = tok + self.rank_emb(rank_b) + self.recency_emb(recency)
         tok = tok + self.hist_type_emb(hist_type)
+        if self.covisit_proj is not None and x.covisit is not None:
+            boost = torch.where(valid, x.covisit.float(), torch.zeros_like(retr))
+            tok = tok + self.covisit_proj(torch.stack([boost, (boost > 0).float()], dim=2))
+        elif self.covisit_proj is not None:
+            tok = tok + self.covisit_proj.bias
         return self.drop(self.cand_ln(tok)), z
 
     def forward(self, x: RerankInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -569,11 +590,19 @@ class TransformerReranker:
         cand = self._vocab_rows(np.asarray(candidates.row_ids), rows)
         cand = np.where(np.isfinite(retr), cand, 0)
         seq_items, seq_types = self.sequences(requests)
+        boost = candidates.covisit
+        if boost is not None and np.shape(boost) != rows.shape:
+            raise ValueError(
+                f"{STAGE}: expected co-visitation boosts {rows.shape}, got {np.shape(boost)}"
+            )
         return RerankInputs(
             torch.from_numpy(seq_items),
             torch.from_numpy(seq_types),
             torch.from_numpy(cand),
             torch.from_numpy(np.where(cand > 0, retr, 0.0).astype(np.float32)),
+            torch.from_numpy(np.where(cand > 0, boost, 0.0).astype(np.float32))
+            if boost is not None and self.cfg.covisit
+            else None,
         ).to(self.device)
 
     @torch.inference_mode()
@@ -757,6 +786,7 @@ class LoggedCandidates:
     target_pos: (n,) int64 position of the true next item in ``cand``, -1 when retrieval missed.
     next_type: (n,) int64 index into EVENT_TYPES of the next event (-1 unknown).
     purchase: (n,) float32 1.0 when a purchase follows within the horizon.
+    covisit: (n, C) float32 unweighted co-visitation boost of each candidate (0 without a table).
     """
 
     seq_items: np.ndarray
@@ -766,6 +796,7 @@ class LoggedCandidates:
     target_pos: np.ndarray
     next_type: np.ndarray
     purchase: np.ndarray
+    covisit: np.ndarray
 
     def __len__(self) -> int:
         return len(self.cand)
@@ -779,6 +810,7 @@ class LoggedCandidates:
             torch.from_numpy(self.seq_types[idx]),
             torch.from_numpy(self.cand[idx]),
             torch.from_numpy(self.retrieval[idx]),
+            torch.from_numpy(self.covisit[idx]),
         ).to(device)
 
 
@@ -807,11 +839,23 @@ def log_candidates(
     horizon: int = 5,
     stop: Sequence[int] | None = None,
     batch_size: int = 1024,
+    covisit: CoVisitation | None = None,
+    counted_to: Sequence[int] | None = None,
+    table_index: np.ndarray | None = None,
 ) -> LoggedCandidates:
     """Run the encoder over ``(user, cut)`` prefixes and keep its top-``candidates`` items.
 
     The case predicts ``items[user][cut]`` from steps ``[0, cut)``. ``stop[user]`` bounds the
     purchase-horizon look-ahead (the training cut, so labels never peek at held-out steps).
+
+    ``covisit`` (a table with a weight > 0): candidates are the top of ``encoder score +
+    weight * boost`` over the whole catalogue, ``retrieval`` holds that sum and ``covisit`` the
+    unweighted boost, as the pipeline's covisit stage hands them to the reranker.
+    ``counted_to[user]``: the table counted that user's steps ``[0, counted_to[user])``, so the
+    pairs whose second item is at or after the cut (the future the case predicts, its own
+    target first) are taken out of its boosts (:func:`own_future_pairs`). ``table_index``
+    maps ``encoder``'s item indices to the table's when they differ (a cross-fitted encoder
+    reading the serving model's table; 0 = an item the table does not know).
     """
     if not cases:
         raise ValueError(f"{STAGE}: expected at least one (user, cut) case to log, got none")
@@ -843,20 +887,96 @@ def log_candidates(
         next_type[j] = t - 1 if t > 0 else -1
         end = min(cut + horizon, stop[u] if stop is not None else len(log_.items[u]))
         purchase[j] = float((log_.types[u][cut : max(end, cut + 1)] == buy).any())
+    out_boost = np.zeros((n, candidates), dtype=np.float32)
+    if covisit is not None and covisit.config.weight <= 0:
+        covisit = None
     order = np.argsort([len(f) for f in enc_inputs], kind="stable")
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         batch = collate([enc_inputs[i] for i in idx]).to(table.device)
         scores = model.user_vectors(batch) @ table.T
+        boost = None
+        if covisit is not None:
+            recent = recent_items(batch.items, covisit.config.lookback)
+            if table_index is not None:
+                recent = table_index[recent]
+            dense = covisit.dense_boost(recent)
+            if counted_to is not None:
+                for row, i in enumerate(idx.tolist()):
+                    u, cut = cases[i]
+                    items = log_.items[u] if table_index is None else table_index[log_.items[u]]
+                    _take_out(covisit, dense[row], recent[row], items, cut, counted_to[u])
+            if table_index is not None:
+                dense = dense[:, table_index]
+                dense[:, 0] = 0.0
+            boost = torch.from_numpy(np.ascontiguousarray(dense)).to(scores.device)
+            scores = scores + covisit.config.weight * boost
         scores[:, 0] = -torch.inf
         top = scores.topk(candidates, dim=1)
         out_cand[idx] = top.indices.cpu().numpy()
         out_retr[idx] = top.values.float().cpu().numpy()
+        if boost is not None:
+            out_boost[idx] = boost.gather(1, top.indices).cpu().numpy()
     hit = out_cand == target[:, None]
     pos = np.where(hit.any(axis=1) & (target > 0), hit.argmax(axis=1), -1)
     return LoggedCandidates(
-        seq_items, seq_types, out_cand, out_retr, pos.astype(np.int64), next_type, purchase
+        seq_items,
+        seq_types,
+        out_cand,
+        out_retr,
+        pos.astype(np.int64),
+        next_type,
+        purchase,
+        out_boost,
     )
+
+
+def own_future_pairs(
+    items: np.ndarray, cut: int, counted_to: int, window: int, decay: float
+) -> dict[tuple[int, int], float]:
+    """``{(a, b): count}`` a co-visitation table built from ``items[:counted_to]`` holds
+    for pairs whose second item is at a position ``>= cut``: what the user had not done yet
+    when predicting ``items[cut]``."""
+    out: dict[tuple[int, int], float] = {}
+    for k in range(cut, min(counted_to, len(items))):
+        for d in range(1, window + 1):
+            if k - d < 0:
+                break
+            key = (int(items[k - d]), int(items[k]))
+            out[key] = out.get(key, 0.0) + decay ** (d - 1)
+    return out
+
+
+def _take_out(
+    table: CoVisitation,
+    dense: np.ndarray,
+    recent: np.ndarray,
+    items: np.ndarray,
+    cut: int,
+    counted_to: int,
+) -> None:
+    """Remove :func:`own_future_pairs` from one case's dense boost row (``recent``: the
+    newest items it was boosted from, newest first), in place. Each touched follower's boost
+    is recomputed from the reduced counts rather than corrected by a difference, so one whose
+    pairs were all this user's own future is exactly 0 (a float residue would tell the
+    reranker which candidate is the target)."""
+    cfg = table.config
+    if cut >= counted_to:
+        return
+    future = own_future_pairs(items, cut, counted_to, cfg.window, cfg.decay)
+    newest = [int(a) for a in recent.tolist()]
+    touched = sorted({b for (a, b) in future if a in newest and a > 0 and b > 0})
+    if not touched:
+        return
+    followers = np.array(touched, dtype=np.int64)
+    total = np.zeros(len(followers), dtype=np.float32)
+    for j, a in enumerate(newest):
+        if a <= 0:
+            continue
+        counts = table.lookup(np.full(len(followers), a), followers)
+        own = np.array([future.get((a, b), 0.0) for b in touched], dtype=np.float32)
+        total += np.float32(cfg.lookback_decay**j) * np.log1p(np.maximum(counts - own, 0.0))
+    dense[followers] = total
 
 
 def heldout_candidates(
@@ -868,6 +988,7 @@ def heldout_candidates(
     candidates: int,
     seq_len: int,
     horizon: int = 5,
+    covisit: CoVisitation | None = None,
 ) -> LoggedCandidates:
     """Training cases whose retrieval looks like serving: logged by a cross-fitted encoder.
 
@@ -878,6 +999,9 @@ def heldout_candidates(
     accurate than its candidates for held-out steps; a reranker trained only on those learns
     to trust retrieval more than it should. Candidate and history indices are mapped to
     ``vocab`` (the serving encoder's); items ``aux`` never saw cannot be its candidates.
+    ``covisit``: the serving model's table (built from the training parts, indexed by
+    ``vocab``); each case reads it without its own later steps (:func:`log_candidates`), as
+    a reranker trained with the table needs.
     """
     if steps < 1:
         raise ValueError(f"{STAGE}: expected held-out steps >= 1, got {steps}")
@@ -886,6 +1010,7 @@ def heldout_candidates(
         for u, train_cut in enumerate(split.train_cut)
         for cut in range(max(1, train_cut - steps), train_cut)
     ]
+    to_main = np.concatenate([[0], vocab.lookup(aux.vocab.ids)]).astype(np.int64)
     got = log_candidates(
         aux,
         EncodedLog(split.data, aux.vocab),
@@ -894,8 +1019,10 @@ def heldout_candidates(
         seq_len=seq_len,
         horizon=horizon,
         stop=split.train_cut,
+        covisit=covisit,
+        counted_to=split.train_cut,
+        table_index=to_main,
     )
-    to_main = np.concatenate([[0], vocab.lookup(aux.vocab.ids)]).astype(np.int64)
     main_log = EncodedLog(split.data, vocab)
     seq_items = np.zeros_like(got.seq_items)
     seq_types = np.zeros_like(got.seq_types)
@@ -991,7 +1118,13 @@ def train_reranker(
     Early stopping watches validation NDCG@10 over the validation cases' candidates, where a
     target outside them counts as a miss. ``model`` overrides RerankerConfig fields.
     ``heldout`` (:func:`heldout_candidates`) adds cross-fitted cases; with ``cfg.prefixes == 0``
-    they are the only training cases.
+    they are the only training cases. With the table they must have been logged with it
+    (``heldout_candidates(covisit=encoder.covisit)``).
+
+    An encoder with a co-visitation table (``encoder.covisit``, weight > 0, built from the
+    training steps) makes a reranker that reads it (``RerankerConfig.covisit``): every case's
+    candidates come from the boosted scores, and a training case's own later steps are taken
+    out of its boosts so its target's own transition is not a feature.
     """
     cfg = cfg or RerankTrainConfig()
     started = time.perf_counter()
@@ -1006,7 +1139,16 @@ def train_reranker(
     counts[0] = 0.0
     side, cat_vocab, edges = item_side(vocab, counts, categories=categories, prices=prices)
     types_seen = {t for u in split.data.users for t in u.types}
+    table: CoVisitation | None = getattr(encoder, "covisit", None)
+    if table is not None and table.config.weight <= 0:
+        table = None
     overrides = dict(model or {})
+    if not overrides.setdefault("covisit", table is not None):
+        table = None
+    elif table is None:
+        raise ValueError(
+            f"{STAGE}: expected an encoder with a co-visitation table for covisit=True"
+        )
     rcfg = RerankerConfig(
         **{
             "num_items": len(vocab),
@@ -1035,6 +1177,8 @@ def train_reranker(
                 seq_len=rcfg.max_len,
                 horizon=rcfg.purchase_horizon,
                 stop=split.train_cut,
+                covisit=table,
+                counted_to=split.train_cut,
             ),
         )
     if parts[-1].seq_items.shape[1] != rcfg.max_len:
@@ -1057,6 +1201,7 @@ def train_reranker(
         candidates=cfg.candidates,
         seq_len=rcfg.max_len,
         horizon=rcfg.purchase_horizon,
+        covisit=table,
     )
     if cfg.filter_seen:
         train, valid = without_seen(train), without_seen(valid)
@@ -1128,6 +1273,7 @@ def train_reranker(
         "price_edges": edges,
         "train": cfg.to_dict(),
         "dataset": split.data.name,
+        "covisit_weight": table.config.weight if table is not None else 0.0,
     }
     return RerankTrainResult(
         reranker=TransformerReranker(net.cpu(), vocab.ids, meta=meta, device="cpu"),

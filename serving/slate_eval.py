@@ -35,9 +35,8 @@ from typing import Any
 import numpy as np
 
 from serving.calibration import Calibration, SlateWeight, fit_temperature, store_calibration
-from serving.covisit import CoVisitation, recent_items
+from serving.covisit import CoVisitation, batch_booster, sequences_before
 from serving.data import EncodedLog, EvalCase, LeaveOneOut
-from serving.encoder import collate
 from serving.evaluate import evaluate_split
 from serving.ordering import coverage, diversify, dpp, intra_list_diversity
 from serving.reranker import (
@@ -276,6 +275,19 @@ def choose_weight(
     )
 
 
+def serving_table(
+    encoder: EncoderLike, reranker: TransformerReranker | None = None
+) -> CoVisitation | None:
+    """The encoder's co-visitation table when the pipeline would apply it by default: it has
+    a weight, and there is no reranker or one trained with it (``serving.pipeline``)."""
+    table = getattr(encoder, "covisit", None)
+    if not isinstance(table, CoVisitation) or table.config.weight <= 0:
+        return None
+    if reranker is not None and not reranker.cfg.covisit:
+        return None
+    return table
+
+
 def calibrate(
     encoder: EncoderLike,
     split: LeaveOneOut,
@@ -294,24 +306,16 @@ def calibrate(
     if not cases:
         raise ValueError(f"{STAGE}: expected validation cases (users with >= 3 steps), got none")
     log_ = EncodedLog(split.data, encoder.vocab)
+    # The order stage (and the reranker) see retrieval + co-visitation: fit what they read.
     logged = log_candidates(
         encoder,
         log_,
         [(c.user, c.cut) for c in cases],
         candidates=candidates,
         seq_len=reranker.cfg.max_len if reranker is not None else 1,
+        covisit=serving_table(encoder, reranker),
     )
     scored = {"retrieval": logged.retrieval}
-    covisit = getattr(encoder, "covisit", None)
-    if isinstance(covisit, CoVisitation) and covisit.config.weight > 0:
-        # The order stage sees retrieval + co-visitation: fit what it will read.
-        depth = covisit.config.lookback
-        recent = recent_items(
-            collate([log_.prefix(c.user, c.cut, depth) for c in cases], length=depth).items,
-            depth,
-        )
-        boost = covisit.boost(recent, logged.cand) * np.float32(covisit.config.weight)
-        scored["retrieval"] = logged.retrieval + boost
     if reranker is not None:
         scored["rerank"] = score_logged(reranker.net, logged)
     fits = {name: fit_temperature(scores, logged.target_pos) for name, scores in scored.items()}
@@ -392,13 +396,26 @@ def evaluate_slates(
     if not cases:
         raise ValueError(f"{STAGE}: expected {which} cases (users with >= 3 steps), got none")
     log_ = EncodedLog(split.data, encoder.vocab)
-    full = evaluate_split(encoder.model, split, log_, which, max_len=encoder.max_len)
+    table = serving_table(encoder, reranker)
+    if table is not None:
+        # Counted from every step before the held-out one, as the worker counts them.
+        seqs = sequences_before(split, log_, which)
+        table = CoVisitation.build(seqs, table.num_items, table.config)
+    full = evaluate_split(
+        encoder.model,
+        split,
+        log_,
+        which,
+        max_len=encoder.max_len,
+        boost=batch_booster(table) if table is not None else None,
+    )
     logged: LoggedCandidates = log_candidates(
         encoder,
         log_,
         [(c.user, c.cut) for c in cases],
         candidates=candidates,
         seq_len=reranker.cfg.max_len if reranker is not None else 1,
+        covisit=table,
     )
     targets = np.array([log_.target(c) for c in cases], dtype=np.int64)
     vectors = encoder.model.item_table().detach().float().cpu().numpy()
@@ -409,6 +426,9 @@ def evaluate_slates(
         "k": k,
         "encoder_version": encoder.version,
         f"recall@{candidates}": float((logged.target_pos >= 0).mean()),
+        "covisit": {"weight": table.config.weight, "pairs": len(table), "counts": "online"}
+        if table is not None
+        else None,
         "retrieval_full": full.metrics,
         "retrieval": slate_metrics(top_k(logged.cand, logged.retrieval, k), targets, vectors, k),
     }
@@ -443,8 +463,8 @@ def evaluate_slates(
         cand, tgt = logged.cand[sub], targets[sub]
         cats = None
         if category_weight > 0:
-            table = reranker.net.item_categories.cpu().numpy()
-            cats = np.where(table > 0, table, -1)
+            item_cats = reranker.net.item_categories.cpu().numpy()
+            cats = np.where(item_cats > 0, item_cats, -1)
         report["category_weight"] = category_weight
         report["ordering"] = ordering
         # "dcg" reads each scorer's scores at its calibrated temperature (1.0 if uncalibrated).

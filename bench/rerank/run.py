@@ -100,7 +100,9 @@ def heldout_encoder(
                 "bench: expected 'model' and 'train' settings in the encoder's config.json "
                 f"to train the cross-fitted encoder in {out} with, got none"
             )
-        cfg = EncoderConfig.from_dict({**raw, "num_items": len(part.item_ids()), "num_attrs": 0})
+        cfg = EncoderConfig.from_dict(
+            {**raw, "num_items": len(part.item_ids()), "num_attrs": 0, "max_attrs": 0}
+        )
         tcfg = TrainConfig(**{**train_raw, "progress": False})
         console.print(f"training the cross-fitted encoder into {out}")
         res, vocab, _ = train_encoder(
@@ -182,6 +184,13 @@ def main(
     heldout_model: Annotated[
         Path | None, typer.Option(help="cross-fitted encoder dir (default: <model>-heldout)")
     ] = None,
+    covisit: Annotated[
+        bool,
+        typer.Option(
+            help="read the encoder's co-visitation table (boosted candidates + boost feature) "
+            "when it has one; --no-covisit trains the reranker on the encoder's scores alone"
+        ),
+    ] = True,
 ) -> None:
     if dataset not in DATASETS:
         raise typer.BadParameter(
@@ -215,8 +224,15 @@ def main(
     aux_dir = heldout_model or model_dir.with_name(model_dir.name + "-heldout")
     if heldout_steps:
         aux = heldout_encoder(encoder, split, aux_dir, cats)
+        table = encoder.covisit if covisit else None
         heldout = heldout_candidates(
-            aux, split, encoder.vocab, steps=heldout_steps, candidates=candidates, seq_len=max_len
+            aux,
+            split,
+            encoder.vocab,
+            steps=heldout_steps,
+            candidates=candidates,
+            seq_len=max_len,
+            covisit=table if table is not None and table.config.weight > 0 else None,
         )
         console.print(
             f"{len(heldout)} cross-fitted cases, recall@{candidates} "
@@ -226,7 +242,12 @@ def main(
         encoder,
         split,
         rcfg,
-        model={"dim": dim, "layers": layers, "max_len": max_len},
+        model={
+            "dim": dim,
+            "layers": layers,
+            "max_len": max_len,
+            **({} if covisit else {"covisit": False}),
+        },
         categories=cats,
         heldout=heldout,
     )

@@ -34,6 +34,15 @@ def train_reranker(
     seed: int = 42,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     progress: bool = True,
+    covisit: Annotated[
+        bool,
+        typer.Option(
+            help="read the encoder's co-visitation table when it has one (candidates from the "
+            "boosted scores, the boost as a feature; the worker then applies the table before "
+            "the reranker); --no-covisit: the encoder's scores alone, and the worker leaves "
+            "the table off under this reranker"
+        ),
+    ] = True,
 ) -> None:
     """Train the listwise reranker on the encoder's logged top-C candidates."""
     import torch
@@ -57,7 +66,10 @@ def train_reranker(
             seed=seed,
             progress=progress,
         )
-        result = train(encoder, split, cfg, model={"dim": dim, "layers": layers, "heads": heads})
+        shape: dict[str, object] = {"dim": dim, "layers": layers, "heads": heads}
+        if not covisit:
+            shape["covisit"] = False
+        result = train(encoder, split, cfg, model=shape)
     except (ArtifactError, DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     version = save_reranker(
@@ -70,6 +82,12 @@ def train_reranker(
         f"valid NDCG@10 retrieval {v['retrieval']['NDCG@10']:.4f} -> rerank "
         f"{v['rerank']['NDCG@10']:.4f} ({result.train_cases} training cases, "
         f"{result.seconds:.0f}s)"
+    )
+    weight = result.reranker.meta.get("covisit_weight", 0.0)
+    typer.echo(
+        f"co-visitation: read by the reranker (weight {weight:g})"
+        if result.reranker.cfg.covisit
+        else "co-visitation: not read (the encoder has no table, or --no-covisit)"
     )
     from serving.slate_eval import calibrate as fit
 

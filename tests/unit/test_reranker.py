@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from serving.artifacts import LoadedEncoder, load_model, save_model
+from serving.covisit import CoVisitation, CoVisitConfig, sequences_before
 from serving.data import EncodedLog, Interactions, ItemVocab, UserHistory, leave_one_out
 from serving.encoder import EncoderConfig, SequenceEncoder
 from serving.pipeline import Candidates, Pipeline, SlateRequest
@@ -244,6 +245,7 @@ def test_without_seen_drops_history_items() -> None:
         target_pos=np.array([1, 0]),
         next_type=np.zeros(2, np.int64),
         purchase=np.zeros(2, np.float32),
+        covisit=np.zeros((2, 4), np.float32),
     )
     got = without_seen(logged)
     assert got.cand.tolist() == [[0, 1, 0, 0], [0, 4, 6, 7]]
@@ -521,3 +523,154 @@ def test_calibration_is_stored_beside_both_models_and_read_by_the_pipeline(
     assert (given.order.diversity, given.diversity_source) == (0.3, "settings")
     other = Pipeline.from_settings(again, None, Settings(ordering="mmr"), reranker=again_rr)
     assert (other.order.diversity, other.diversity_source) == (0.15, "default")
+
+
+def with_table(encoder: LoadedEncoder, tiny_log: Interactions, weight: float = 2.0) -> CoVisitation:
+    """Give the encoder a table built from the training steps (what ``streamrec train`` stores)."""
+    split = leave_one_out(tiny_log)
+    log_ = EncodedLog(tiny_log, encoder.vocab)
+    table = CoVisitation.build(
+        sequences_before(split, log_, "valid"), len(encoder.vocab), CoVisitConfig(weight=weight)
+    )
+    encoder.covisit = table
+    return table
+
+
+def test_logged_boosts_leave_out_the_case_s_own_future(
+    encoder: LoadedEncoder, tiny_log: Interactions
+) -> None:
+    table = with_table(encoder, tiny_log)
+    split = leave_one_out(tiny_log)
+    log_ = EncodedLog(tiny_log, encoder.vocab)
+    cases = training_cases(split, 3)
+    logged = log_candidates(
+        encoder, log_, cases, candidates=30, seq_len=8, covisit=table, counted_to=split.train_cut
+    )
+    cfg = table.config
+    for j, (u, cut) in enumerate(cases):
+        # The table a worker holds when this case's event arrives (up to the top-k cut, which
+        # keeps every pair of this small log): everyone's training steps, this user's before cut.
+        seqs = sequences_before(split, log_, "valid")
+        seqs[u] = seqs[u][:cut]
+        then = CoVisitation.build(seqs, len(encoder.vocab), cfg)
+        recent = np.array([log_.items[u][:cut][::-1][: cfg.lookback]])
+        recent = np.pad(recent, ((0, 0), (0, cfg.lookback - recent.shape[1])))
+        want = then.boost(recent, logged.cand[j : j + 1])[0]
+        np.testing.assert_allclose(logged.covisit[j], want, atol=1e-5)
+    # Without the correction the case's own next steps would feed its boosts.
+    leaky = log_candidates(encoder, log_, cases, candidates=30, seq_len=8, covisit=table)
+
+    def by_item(x: LoggedCandidates) -> np.ndarray:
+        dense = np.zeros((len(x), len(encoder.vocab) + 1), np.float32)
+        np.put_along_axis(dense, x.cand, x.covisit, axis=1)
+        return dense
+
+    assert (by_item(leaky) >= by_item(logged) - 1e-6).all()
+    assert (by_item(leaky) > by_item(logged) + 1e-6).any()
+    # Retrieval is the boosted score, best first, and the candidates are its top.
+    assert (np.diff(logged.retrieval, axis=1) <= 1e-5).all()
+    plain = log_candidates(encoder, log_, cases, candidates=30, seq_len=8)
+    order = np.argsort(-plain.retrieval, axis=1)
+    assert not np.array_equal(np.take_along_axis(plain.cand, order, 1), logged.cand)
+    assert (plain.covisit == 0).all()
+
+
+def test_reranker_trained_with_the_table_reads_it(
+    encoder: LoadedEncoder, tiny_log: Interactions, tmp_path: Path
+) -> None:
+    with_table(encoder, tiny_log)
+    result = train_reranker(encoder, leave_one_out(tiny_log), FAST, model=SMALL)
+    rr = result.reranker
+    assert rr.cfg.covisit
+    assert rr.meta["covisit_weight"] == 2.0
+    reqs = [SlateRequest("a", history(["i3", "i4", "i5"])), SlateRequest("b", history(["i20"]))]
+    cands = candidates_for(reqs, encoder.item_ids())
+    boost = np.zeros(cands.rows.shape, np.float32)
+    boost[:, 1] = 3.0
+    with_boost = rr.score(reqs, replace(cands, covisit=boost))
+    assert not np.allclose(with_boost[:, 1], rr.score(reqs, cands)[:, 1])
+    # No boost array reads as zeros.
+    np.testing.assert_allclose(
+        rr.score(reqs, cands), rr.score(reqs, replace(cands, covisit=np.zeros_like(boost)))
+    )
+    save_reranker(rr, encoder_dir := tmp_path / "m2")
+    (encoder_dir / "items.json").write_text(json.dumps(encoder.item_ids()))
+    loaded = load_reranker(encoder_dir)
+    assert loaded is not None
+    assert loaded.cfg.covisit
+    np.testing.assert_allclose(
+        loaded.score(reqs, replace(cands, covisit=boost)), with_boost, atol=1e-5
+    )
+    # Without the table, or asked not to read it.
+    off = train_reranker(encoder, leave_one_out(tiny_log), FAST, model={**SMALL, "covisit": False})
+    assert not off.reranker.cfg.covisit
+    assert off.reranker.meta["covisit_weight"] == 0.0
+    encoder.covisit = None
+    with pytest.raises(ValueError, match="co-visitation table for covisit=True"):
+        train_reranker(encoder, leave_one_out(tiny_log), FAST, model={**SMALL, "covisit": True})
+
+
+def test_pipeline_boosts_before_a_reranker_trained_with_the_table(
+    encoder: LoadedEncoder, tiny_log: Interactions
+) -> None:
+    table = with_table(encoder, tiny_log)
+    rr = train_reranker(encoder, leave_one_out(tiny_log), FAST, model=SMALL).reranker
+    pipe = Pipeline.from_encoder(encoder, candidates=12, slate_size=5, diversity=0.0, reranker=rr)
+    assert pipe.covisit.weight == 2.0
+    assert Pipeline.STAGES.index("covisit") < Pipeline.STAGES.index("rerank")
+    reqs = [SlateRequest("a", history(["i3", "i4", "i5"])), SlateRequest("b", history(["i20"]))]
+    cands = pipe.filter(pipe.retrieve(pipe.encode(tuple(reqs))))
+    vocab = encoder.vocab.index
+    before = table.lookup(np.array([vocab["i4"]]), np.array([vocab["i5"]]))[0]
+    boosted = pipe.covisit(cands)
+    table.flush(force=True)  # counted the requests' newest steps: i4 -> i5 once more
+    assert table.lookup(np.array([vocab["i4"]]), np.array([vocab["i5"]]))[0] == before + 1
+    assert boosted.covisit is not None
+    assert boosted.covisit.shape == cands.rows.shape
+    valid = cands.valid
+    np.testing.assert_allclose(
+        boosted.retrieval_scores[valid],
+        (cands.retrieval_scores + 2.0 * boosted.covisit)[valid],
+        rtol=1e-6,
+    )
+    assert (boosted.covisit[valid] > 0).any()
+    slates = pipe.recommend(reqs)
+    assert all(len(s.item_ids) == 5 for s in slates)
+    # A reranker trained without the table switches it off unless a weight is given.
+    plain = train_reranker(
+        encoder, leave_one_out(tiny_log), FAST, model={**SMALL, "covisit": False}
+    )
+    kw = {"candidates": 12, "slate_size": 5, "diversity": 0.0, "reranker": plain.reranker}
+    assert Pipeline.from_encoder(encoder, **kw).covisit.table is None
+    assert Pipeline.from_encoder(encoder, covisit_weight=1.0, **kw).covisit.weight == 1.0
+
+
+def test_heldout_cases_read_the_serving_table_in_its_own_indices(
+    encoder: LoadedEncoder, tiny_log: Interactions, tmp_path: Path
+) -> None:
+    """A cross-fitted encoder with another item order reads the serving model's table: its
+    cases' boosts are the table's, in the serving vocabulary, without their own later steps."""
+    table = with_table(encoder, tiny_log)
+    split = leave_one_out(tiny_log)
+    torch.manual_seed(1)
+    aux_items = list(reversed(tiny_log.item_ids()))
+    aux_model = SequenceEncoder(EncoderConfig(num_items=len(aux_items), dim=16, max_len=8))
+    save_model(aux_model.eval(), tmp_path / "aux", aux_items)
+    aux = load_model(tmp_path / "aux", device="cpu")
+    got = heldout_candidates(
+        aux, split, encoder.vocab, steps=2, candidates=20, seq_len=8, covisit=table
+    )
+    log_ = EncodedLog(tiny_log, encoder.vocab)
+    cfg = table.config
+    cases = [(u, c) for u, t in enumerate(split.train_cut) for c in range(max(1, t - 2), t)]
+    assert (got.covisit > 0).any()
+    for j, (u, cut) in enumerate(cases):
+        seqs = sequences_before(split, log_, "valid")
+        seqs[u] = seqs[u][:cut]
+        then = CoVisitation.build(seqs, len(encoder.vocab), cfg)
+        recent = np.zeros((1, cfg.lookback), np.int64)
+        newest = log_.items[u][:cut][::-1][: cfg.lookback]
+        recent[0, : len(newest)] = newest
+        np.testing.assert_allclose(got.covisit[j], then.boost(recent, got.cand[j : j + 1])[0])
+    result = train_reranker(encoder, split, replace(FAST, prefixes=0), model=SMALL, heldout=got)
+    assert result.reranker.cfg.covisit
