@@ -50,13 +50,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from serving.artifacts import LoadedEncoder, load_model, save_model
 from serving.calibration import slate_weight_of, temperature_of
 from serving.configs import config_from_dict, config_to_dict
 from serving.covisit import CoVisitation, recent_items
-from serving.data import EncodedLog, ItemVocab, LeaveOneOut, sequence_features
-from serving.encoder import SequenceEncoder, collate
+from serving.data import (
+    EncodedLog,
+    Interactions,
+    ItemVocab,
+    LeaveOneOut,
+    leave_one_out,
+    sequence_features,
+)
+from serving.encoder import EncoderConfig, SequenceEncoder, collate
 from serving.evaluate import metrics_from_ranks
 from serving.pipeline import Candidates, SlateRequest, below_scored
+from serving.train import TrainConfig, train_encoder
 from serving.types import EVENT_TYPE_ID, EVENT_TYPES
 
 STAGE = "rerank"
@@ -1031,6 +1040,73 @@ def heldout_candidates(
         if len(f):
             seq_items[j, seq_len - len(f) :], seq_types[j, seq_len - len(f) :] = f.items, f.types
     return replace(got, cand=to_main[got.cand], seq_items=seq_items, seq_types=seq_types)
+
+
+def model_attributes(encoder: LoadedEncoder) -> dict[str, list[str]] | None:
+    """Item id -> attribute names, read back from a model trained with item attributes (its
+    ``item_attrs`` table and ``attributes.json``); None for a model without them."""
+    if not encoder.attribute_index:
+        return None
+    names = {i: n for n, i in encoder.attribute_index.items()}
+    attrs: torch.Tensor = encoder.model.item_attrs  # type: ignore[assignment]
+    table = attrs.cpu().numpy()  # (N + 1, max_attrs), 0 = none
+    return {
+        item: [names[int(a)] for a in table[row] if a > 0]
+        for row, item in enumerate(encoder.vocab.ids, start=1)
+    }
+
+
+def cross_fitted_encoder(
+    encoder: LoadedEncoder, split: LeaveOneOut, out: Path | str, *, progress: bool = False
+) -> LoadedEncoder:
+    """The encoder :func:`heldout_candidates` needs, trained into ``out`` with ``encoder``'s
+    model and training settings (and its item attributes) on every user's training part,
+    whose last two steps its own leave-one-out split holds out. A model already in ``out``
+    made for this encoder is reused; one made for another encoder is an error."""
+    path = Path(out)
+    made_for = f"cross-fit of {encoder.version}"
+    if (path / "model.safetensors").is_file():
+        aux = load_model(path, device="cpu")
+        if aux.config.get("dataset") != made_for:
+            raise ValueError(
+                f"{STAGE}: expected the cross-fitted encoder in {path} to be made for "
+                f"{encoder.version}, got {aux.config.get('dataset')!r}; remove it to retrain"
+            )
+        return aux
+    users = tuple(
+        replace(
+            u,
+            items=u.items[:cut],
+            types=u.types[:cut],
+            ts_ms=u.ts_ms[:cut] if u.ts_ms is not None else None,
+        )
+        for u, cut in zip(split.data.users, split.train_cut, strict=True)
+        if cut > 0
+    )
+    part = Interactions(name=f"{split.data.name}-train-part", users=users)
+    raw, train_raw = encoder.config.get("model"), encoder.config.get("train")
+    if not isinstance(raw, dict) or not isinstance(train_raw, dict):
+        raise ValueError(
+            f"{STAGE}: expected 'model' and 'train' settings in the encoder's config.json to "
+            "train the cross-fitted encoder with, got none"
+        )
+    cfg = EncoderConfig.from_dict(
+        {**raw, "num_items": len(part.item_ids()), "num_attrs": 0, "max_attrs": 0}
+    )
+    tcfg = TrainConfig(**{**train_raw, "progress": progress})
+    log.info("training the cross-fitted encoder into %s", path)
+    res, vocab, _ = train_encoder(
+        leave_one_out(part), cfg, tcfg, model_attributes(encoder), int(raw.get("max_attrs") or 8)
+    )
+    save_model(
+        res.model,
+        path,
+        vocab.ids,
+        dataset=made_for,
+        train=tcfg.to_dict(),
+        attributes=res.attributes,
+    )
+    return load_model(path, device="cpu")
 
 
 def without_seen(logged: LoggedCandidates) -> LoggedCandidates:

@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -39,8 +38,6 @@ from rich.console import Console
 
 from serving.artifacts import LoadedEncoder, load_model, save_model
 from serving.data import (
-    Interactions,
-    LeaveOneOut,
     leave_one_out,
     load_interactions,
     load_item_attributes,
@@ -51,6 +48,7 @@ from serving.reranker import (
     LoggedCandidates,
     RerankTrainConfig,
     TransformerReranker,
+    cross_fitted_encoder,
     heldout_candidates,
     save_reranker,
     train_reranker,
@@ -74,53 +72,6 @@ def item_categories(dataset: str, root: Path) -> dict[str, list[str]]:
         return load_item_attributes(root / "ml-100k/u.item", "ml-100k")
     name = {"beauty": "Beauty", "yelp": "Yelp"}[dataset]
     return load_item_attributes(root / f"s3rec/{name}_item2attributes.json.gz", "s3rec")
-
-
-def heldout_encoder(
-    encoder: LoadedEncoder, split: LeaveOneOut, out: Path, attributes: dict[str, list[str]] | None
-) -> LoadedEncoder:
-    """The cross-fitted encoder in ``out``: trained there, when missing, with ``encoder``'s saved
-    model and training settings on each user's training part, whose last two steps its own
-    leave-one-out split then holds out."""
-    if not (out / "model.safetensors").is_file():
-        users = tuple(
-            replace(
-                u,
-                items=u.items[:cut],
-                types=u.types[:cut],
-                ts_ms=u.ts_ms[:cut] if u.ts_ms is not None else None,
-            )
-            for u, cut in zip(split.data.users, split.train_cut, strict=True)
-            if cut > 0
-        )
-        part = Interactions(name=f"{split.data.name}-train-part", users=users)
-        raw, train_raw = encoder.config.get("model"), encoder.config.get("train")
-        if not isinstance(raw, dict) or not isinstance(train_raw, dict):
-            raise typer.BadParameter(
-                "bench: expected 'model' and 'train' settings in the encoder's config.json "
-                f"to train the cross-fitted encoder in {out} with, got none"
-            )
-        cfg = EncoderConfig.from_dict(
-            {**raw, "num_items": len(part.item_ids()), "num_attrs": 0, "max_attrs": 0}
-        )
-        tcfg = TrainConfig(**{**train_raw, "progress": False})
-        console.print(f"training the cross-fitted encoder into {out}")
-        res, vocab, _ = train_encoder(
-            leave_one_out(part),
-            cfg,
-            tcfg,
-            attributes if raw.get("num_attrs") else None,
-            int(raw.get("max_attrs", 8)),
-        )
-        save_model(
-            res.model,
-            out,
-            vocab.ids,
-            dataset=part.name,
-            train=tcfg.to_dict(),
-            attributes=res.attributes,
-        )
-    return load_model(out, device="cpu")
 
 
 def latency(
@@ -223,7 +174,7 @@ def main(
     heldout: LoggedCandidates | None = None
     aux_dir = heldout_model or model_dir.with_name(model_dir.name + "-heldout")
     if heldout_steps:
-        aux = heldout_encoder(encoder, split, aux_dir, cats)
+        aux = cross_fitted_encoder(encoder, split, aux_dir)
         table = encoder.covisit if covisit else None
         heldout = heldout_candidates(
             aux,

@@ -43,13 +43,31 @@ def train_reranker(
             "the table off under this reranker"
         ),
     ] = True,
+    cross_fit: Annotated[
+        bool,
+        typer.Option(
+            help="train on cases logged by a second encoder that never saw them (trained first "
+            "with the model's settings, without each user's last two training steps), instead "
+            "of the newest training positions, whose retrieval the model has memorised"
+        ),
+    ] = False,
+    cross_fit_dir: Annotated[
+        Path | None,
+        typer.Option(help="where the second encoder lives (default: <model>-cross-fit; reused)"),
+    ] = None,
 ) -> None:
     """Train the listwise reranker on the encoder's logged top-C candidates."""
     import torch
 
     from serving.artifacts import ArtifactError, load_model
     from serving.data import DataError, leave_one_out, load_interactions
-    from serving.reranker import RerankTrainConfig, save_reranker
+    from serving.reranker import (
+        RerankerConfig,
+        RerankTrainConfig,
+        cross_fitted_encoder,
+        heldout_candidates,
+        save_reranker,
+    )
     from serving.reranker import train_reranker as train
 
     torch.set_num_threads(threads)
@@ -58,7 +76,7 @@ def train_reranker(
         split = leave_one_out(load_interactions(data, fmt))
         cfg = RerankTrainConfig(
             candidates=candidates,
-            prefixes=prefixes,
+            prefixes=0 if cross_fit else prefixes,
             epochs=epochs,
             patience=patience,
             lr=lr,
@@ -69,7 +87,22 @@ def train_reranker(
         shape: dict[str, object] = {"dim": dim, "layers": layers, "heads": heads}
         if not covisit:
             shape["covisit"] = False
-        result = train(encoder, split, cfg, model=shape)
+        heldout = None
+        if cross_fit:
+            aux_dir = cross_fit_dir or model.with_name(model.name + "-cross-fit")
+            typer.echo(f"cross-fitted encoder: {aux_dir}")
+            aux = cross_fitted_encoder(encoder, split, aux_dir, progress=progress)
+            table = encoder.covisit if covisit else None
+            heldout = heldout_candidates(
+                aux,
+                split,
+                encoder.vocab,
+                steps=2,
+                candidates=candidates,
+                seq_len=RerankerConfig(1, 1).max_len,
+                covisit=table if table is not None and table.config.weight > 0 else None,
+            )
+        result = train(encoder, split, cfg, model=shape, heldout=heldout)
     except (ArtifactError, DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     version = save_reranker(
@@ -89,6 +122,14 @@ def train_reranker(
         if result.reranker.cfg.covisit
         else "co-visitation: not read (the encoder has no table, or --no-covisit)"
     )
+    if v["rerank"]["NDCG@10"] <= v["retrieval"]["NDCG@10"]:
+        typer.secho(
+            "the reranker does not beat retrieval on validation: the worker serves better "
+            f"without it (remove {model}/reranker.*)"
+            + ("" if cross_fit else "; --cross-fit trains it on cases like the ones it serves"),
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
     from serving.slate_eval import calibrate as fit
 
     try:

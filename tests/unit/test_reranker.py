@@ -674,3 +674,56 @@ def test_heldout_cases_read_the_serving_table_in_its_own_indices(
         np.testing.assert_allclose(got.covisit[j], then.boost(recent, got.cand[j : j + 1])[0])
     result = train_reranker(encoder, split, replace(FAST, prefixes=0), model=SMALL, heldout=got)
     assert result.reranker.cfg.covisit
+
+
+def test_cross_fitted_encoder_and_the_cli_cross_fit(tmp_path: Path) -> None:
+    """``train-reranker --cross-fit``: a second encoder with the model's settings and item
+    attributes, trained without each user's last two training steps, logs the training cases;
+    it is reused on the next run and refused when it was made for another model."""
+    import typer
+
+    from serving.data import load_interactions
+    from serving.reranker import cross_fitted_encoder, model_attributes
+    from serving.synthetic import make_shop, write_jsonl
+    from serving.train import TrainConfig, train_encoder
+    from streamrec.commands import rerank
+
+    shop = make_shop(n_items=48, n_users=40, events_per_user=8)
+    events = write_jsonl(shop.events, tmp_path / "ev.jsonl")
+    data = load_interactions(events, "events")
+    split = leave_one_out(data)
+    attrs = {it: [f"c{k % 3}", f"d{k % 2}"] for k, it in enumerate(data.item_ids())}
+    tcfg = TrainConfig(epochs=1, eval_every=1, patience=1, progress=False)
+    res, vocab, _ = train_encoder(
+        split,
+        EncoderConfig(num_items=len(vocab_ids := data.item_ids()), dim=16, max_len=8),
+        tcfg,
+        attrs,
+        4,
+    )
+    assert len(vocab_ids) == len(vocab.ids)
+    save_model(
+        res.model, tmp_path / "m", vocab.ids, train=tcfg.to_dict(), attributes=res.attributes
+    )
+    encoder = load_model(tmp_path / "m")
+    assert model_attributes(encoder) == {it: attrs[it] for it in vocab.ids}
+    aux = cross_fitted_encoder(encoder, split, tmp_path / "aux")
+    assert aux.config["dataset"] == f"cross-fit of {encoder.version}"
+    assert aux.model.cfg.num_attrs == encoder.model.cfg.num_attrs
+    assert cross_fitted_encoder(encoder, split, tmp_path / "aux").version == aux.version  # reused
+    other = load_model(tmp_path / "m")
+    other._version = "enc-other"
+    with pytest.raises(ValueError, match="made for enc-other"):
+        cross_fitted_encoder(other, split, tmp_path / "aux")
+
+    app = typer.Typer()
+    app.command("noop")(lambda: None)
+    rerank.register(app)
+    args = ["--model", str(tmp_path / "m"), "--data", str(events), "--format", "events"]
+    small = ["--epochs", "1", "--candidates", "20", "--dim", "16", "--no-progress"]
+    res_cli = CliRunner().invoke(app, ["train-reranker", *args, *small, "--cross-fit"])
+    assert res_cli.exit_code == 0, res_cli.output
+    assert f"cross-fitted encoder: {tmp_path / 'm-cross-fit'}" in res_cli.output
+    assert (tmp_path / "m-cross-fit" / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "m" / "reranker.json").read_text())
+    assert saved["meta"]["train"]["prefixes"] == 0  # cross-fitted cases only
