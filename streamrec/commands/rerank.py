@@ -66,6 +66,7 @@ def train_reranker(
         RerankTrainConfig,
         cross_fitted_encoder,
         heldout_candidates,
+        model_attributes,
         save_reranker,
     )
     from serving.reranker import train_reranker as train
@@ -102,7 +103,15 @@ def train_reranker(
                 seq_len=RerankerConfig(1, 1).max_len,
                 covisit=table if table is not None and table.config.weight > 0 else None,
             )
-        result = train(encoder, split, cfg, model=shape, heldout=heldout)
+        # A model trained with item attributes gives the reranker its category feature.
+        result = train(
+            encoder,
+            split,
+            cfg,
+            model=shape,
+            heldout=heldout,
+            categories=model_attributes(encoder),
+        )
     except (ArtifactError, DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     version = save_reranker(
