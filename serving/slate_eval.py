@@ -306,31 +306,41 @@ def calibrate(
     if not cases:
         raise ValueError(f"{STAGE}: expected validation cases (users with >= 3 steps), got none")
     log_ = EncodedLog(split.data, encoder.vocab)
-    # The order stage (and the reranker) see retrieval + co-visitation: fit what they read.
+    # Each scorer is fitted on what it reads when it serves: retrieval on its scores with the
+    # table (the order stage's input without a reranker), the reranker on candidates with the
+    # table only when it was trained with it (otherwise the worker leaves the table off).
+    seq_len = reranker.cfg.max_len if reranker is not None else 1
+    at = [(c.user, c.cut) for c in cases]
+    table = serving_table(encoder)
     logged = log_candidates(
-        encoder,
-        log_,
-        [(c.user, c.cut) for c in cases],
-        candidates=candidates,
-        seq_len=reranker.cfg.max_len if reranker is not None else 1,
-        covisit=serving_table(encoder, reranker),
+        encoder, log_, at, candidates=candidates, seq_len=seq_len, covisit=table
     )
-    scored = {"retrieval": logged.retrieval}
+    scored = {"retrieval": (logged, logged.retrieval)}
     if reranker is not None:
-        scored["rerank"] = score_logged(reranker.net, logged)
-    fits = {name: fit_temperature(scores, logged.target_pos) for name, scores in scored.items()}
+        rr_table = serving_table(encoder, reranker)
+        rr_logged = (
+            logged
+            if rr_table is table
+            else log_candidates(
+                encoder, log_, at, candidates=candidates, seq_len=seq_len, covisit=rr_table
+            )
+        )
+        scored["rerank"] = (rr_logged, score_logged(reranker.net, rr_logged))
+    fits = {
+        name: fit_temperature(scores, cands.target_pos) for name, (cands, scores) in scored.items()
+    }
     targets = np.array([log_.target(c) for c in cases], dtype=np.int64)
     vectors = encoder.model.item_table().detach().float().cpu().numpy()
     weights = {
         name: choose_weight(
-            logged.cand,
+            cands.cand,
             scores,
             targets,
             vectors,
             temperature=fits[name].temperature,
             max_loss=max_loss,
         )
-        for name, scores in scored.items()
+        for name, (cands, scores) in scored.items()
     }
     if reranker is not None:
         reranker.temperature = fits["rerank"].temperature

@@ -727,3 +727,21 @@ def test_cross_fitted_encoder_and_the_cli_cross_fit(tmp_path: Path) -> None:
     assert (tmp_path / "m-cross-fit" / "model.safetensors").is_file()
     saved = json.loads((tmp_path / "m" / "reranker.json").read_text())
     assert saved["meta"]["train"]["prefixes"] == 0  # cross-fitted cases only
+
+
+def test_calibration_fits_retrieval_with_the_table_whatever_the_reranker(
+    encoder: LoadedEncoder, tiny_log: Interactions
+) -> None:
+    """The retrieval temperature stored with the model is for retrieval as served without a
+    reranker (with the table), also when a reranker trained without the table is calibrated;
+    that reranker's own fit reads candidates without the table, as the worker serves it."""
+    with_table(encoder, tiny_log)
+    split = leave_one_out(tiny_log)
+    alone = calibrate(encoder, split, candidates=20)
+    plain = train_reranker(encoder, split, FAST, model={**SMALL, "covisit": False}).reranker
+    both = calibrate(encoder, split, reranker=plain, candidates=20)
+    assert both.fits["retrieval"].temperature == alone.fits["retrieval"].temperature
+    encoder.covisit = None
+    no_table = calibrate(encoder, split, reranker=plain, candidates=20)
+    assert no_table.fits["rerank"].temperature == both.fits["rerank"].temperature
+    assert no_table.fits["retrieval"].temperature != both.fits["retrieval"].temperature
