@@ -275,13 +275,24 @@ class CoVisitation:
     def save(self, directory: Path | str) -> Path:
         """Write ``covisit.safetensors`` (counts, pending merged) into ``directory``."""
         self.flush(force=True)
-        path = Path(directory) / FILE
-        save_file(
-            {"keys": self.keys, "counts": self.counts},
-            str(path),
-            metadata={"num_items": str(self.num_items), "config": json.dumps(self.to_config())},
-        )
-        return path
+        return self.snapshot()(Path(directory) / FILE)
+
+    def snapshot(self) -> Callable[[Path], Path]:
+        """The merged counts as they are now (pending ones wait for the next merge), as a
+        function that writes them to a file. The arrays are never changed in place (a merge
+        swaps in new ones), so the writing may happen on another thread while this table goes
+        on counting. The file is written beside its path and renamed over it, so a reader
+        never sees half a file."""
+        keys, counts = self.keys, self.counts
+        metadata = {"num_items": str(self.num_items), "config": json.dumps(self.to_config())}
+
+        def write(path: Path) -> Path:
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({"keys": keys, "counts": counts}, str(tmp), metadata=metadata)
+            tmp.replace(path)
+            return path
+
+        return write
 
     def to_config(self) -> dict[str, float | int]:
         return self.config.to_dict()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 from schemas.models import Item
 from serving.artifacts import LoadedEncoder, load_model
 from serving.catalog import Catalog, ItemMeta
+from serving.covisit import FILE as COVISIT_FILE
+from serving.covisit import CoVisitation, CoVisitError
 from serving.pipeline import FreshItems, Pipeline, Reranker, Slate, SlateRequest
 from serving.reranker import load_reranker
 from serving.text import ColdStart
@@ -50,6 +53,8 @@ class Recommender:
         self._cold_items: dict[str, Item] = {}
         self._lock = threading.Lock()
         self._model_dir: str | None = None
+        self._saved_at = time.monotonic()
+        self._saving: threading.Thread | None = None
         self._pipeline = self._build(encoder)
         self._set_vocab(encoder)
         self._publish_info()
@@ -107,6 +112,7 @@ class Recommender:
             else f"reranker {getattr(self.reranker, 'version', '?')} scores the top "
             f"{pipeline.rerank.top or self.settings.candidates} candidates",
         )
+        self._restore_covisit(pipeline)
         # Items the catalog already retired or marked unavailable stay out of the new index.
         blocked = [i for i in encoder.item_ids() if not self.catalog.is_available([i])[0]]
         if blocked:
@@ -177,7 +183,74 @@ class Recommender:
         table = pipeline.covisit.table
         if self.metrics is not None:
             self.metrics.covisit_pairs.set(len(table) if table is not None else 0)
+        every = self.settings.covisit_snapshot_s
+        if table is not None and every > 0 and time.monotonic() - self._saved_at >= every:
+            self.save_covisit(pipeline)
         return slates
+
+    # --- co-visitation counts across restarts --------------------------------------------
+    def covisit_path(self, version: str) -> Path:
+        """Where the counts of model ``version`` are saved: one file per model version, so a
+        worker never reads counts made over another vocabulary."""
+        return Path(self.settings.data_dir) / "covisit" / version / COVISIT_FILE
+
+    def save_covisit(self, pipeline: Pipeline | None = None, *, wait: bool = False) -> Path | None:
+        """Save the table's merged counts on a background thread, one save at a time: a save
+        still running skips this one, unless ``wait`` (then it waits for it, saves, and
+        returns once the file is written)."""
+        pipeline = pipeline or self._pipeline
+        table = pipeline.covisit.table
+        if table is None:
+            return None
+        if self._saving is not None and self._saving.is_alive():
+            if not wait:
+                return None
+            self._saving.join()
+        self._saved_at = time.monotonic()
+        path = self.covisit_path(pipeline.encoder.version)
+        write = table.snapshot()
+
+        def run() -> None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write(path)
+            except OSError as exc:  # a full or read-only disk must not stop the worker
+                log.warning("co-visitation counts not saved to %s: %s", path, exc)
+
+        self._saving = threading.Thread(target=run, name="covisit-save", daemon=True)
+        self._saving.start()
+        if wait:
+            self._saving.join()
+        return path
+
+    def _restore_covisit(self, pipeline: Pipeline) -> None:
+        """Replace the trained table with the counts saved for this model version, if any,
+        read with the weight this pipeline uses."""
+        table = pipeline.covisit.table
+        path = self.covisit_path(pipeline.encoder.version)
+        if table is None or not path.is_file():
+            return
+        try:
+            saved = CoVisitation.load(path.parent, table.config.to_dict())
+        except CoVisitError as exc:
+            log.warning("co-visitation: saved counts ignored, starting from the trained: %s", exc)
+            return
+        if saved is None or saved.num_items != table.num_items:
+            log.warning(
+                "co-visitation: saved counts in %s are over %s items, the model has %d; "
+                "starting from the trained ones",
+                path,
+                "no" if saved is None else saved.num_items,
+                table.num_items,
+            )
+            return
+        pipeline.covisit.table = saved.with_weight(table.config.weight)
+        log.info(
+            "co-visitation: %s pairs restored from %s (the trained table had %s)",
+            f"{len(saved):,}",
+            path,
+            f"{len(table):,}",
+        )
 
     # --- catalog ------------------------------------------------------------------------
     def upsert_item(self, item: Item) -> None:

@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         description="weight of the model's item-to-item co-visitation boost; unset: the "
         "weight chosen on validation and stored with the model; 0: off",
     )
+    covisit_snapshot_s: float = Field(
+        60.0,
+        ge=0.0,
+        description="seconds between saves of the worker's co-visitation counts (trained + "
+        "counted online) into data_dir/covisit/<model version>/, read back when a worker "
+        "starts with the same model; 0: never saved",
+    )
     fresh_slots: int = Field(
         1, ge=0, le=10, description="slate places reserved for new (text-embedded) items"
     )

@@ -131,3 +131,6 @@ def run_worker(settings: Settings, passthrough: bool = False) -> None:
         for feed in worker.feeds:
             feed.stop()
         worker.executor.shutdown(wait=False)
+        if worker.recommender is not None:
+            # The counts served since the last periodic save; read back on the next start.
+            worker.recommender.save_covisit(wait=True)

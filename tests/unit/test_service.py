@@ -160,3 +160,69 @@ def test_new_item_embedded_from_its_categories_without_text(tmp_path: Any) -> No
     assert encoder.attribute_index == {"cat0": 1, "cat1": 2}
     np.testing.assert_allclose(want[0], model.attr_emb.weight[2].detach().numpy())  # type: ignore[union-attr]
     assert rec.knows_item("odd")  # accepted in events, just not retrievable
+
+
+class TableEncoder(TinyEncoder):
+    """TinyEncoder with an (empty) co-visitation table at weight 1, as ``streamrec train``
+    stores one."""
+
+    def __init__(self, version: str = "tiny-cv") -> None:
+        from serving.covisit import CoVisitation, CoVisitConfig
+        from serving.data import ItemVocab
+
+        super().__init__()
+        self.version = version
+        self.vocab = ItemVocab(self._ids)
+        self.covisit = CoVisitation(len(self._ids), CoVisitConfig(weight=1.0))
+
+
+def pair_count(rec: Recommender, a: str, b: str) -> float:
+    table = rec._pipeline.covisit.table
+    assert table is not None
+    table.flush(force=True)
+    vocab = rec._pipeline.covisit.vocab
+    return float(table.lookup(np.array([vocab[a]]), np.array([vocab[b]]))[0])
+
+
+def test_covisit_counts_are_saved_and_read_back_after_a_restart(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(
+        slate_size=3, candidates=6, diversity=0.0, data_dir=tmp_path, covisit_snapshot_s=0
+    )
+    rec = Recommender(TableEncoder(), settings)  # type: ignore[arg-type]
+    for _ in range(3):
+        slate_for(rec, "i1", "i2")
+    assert pair_count(rec, "i1", "i2") == 3.0  # counted online, not trained
+    assert not (tmp_path / "covisit").exists()  # snapshot_s 0: never saved by itself
+    path = rec.save_covisit(wait=True)
+    assert path == tmp_path / "covisit" / "tiny-cv" / "covisit.safetensors"
+    assert path.is_file()
+    assert not path.with_name(path.name + ".tmp").exists()
+
+    again = Recommender(TableEncoder(), settings)  # type: ignore[arg-type]
+    assert pair_count(again, "i1", "i2") == 3.0
+    assert again._pipeline.covisit.weight == 1.0
+    # Another model version never reads them.
+    other = Recommender(TableEncoder("tiny-other"), settings)  # type: ignore[arg-type]
+    assert pair_count(other, "i1", "i2") == 0.0
+    # A broken file: the trained counts, and a warning that says so.
+    path.write_bytes(b"not safetensors")
+    with caplog.at_level("WARNING", logger="streamrec.service"):
+        broken = Recommender(TableEncoder(), settings)  # type: ignore[arg-type]
+    assert pair_count(broken, "i1", "i2") == 0.0
+    assert "saved counts ignored" in caplog.text
+
+
+def test_covisit_counts_are_saved_every_snapshot_interval(tmp_path: Any) -> None:
+    settings = Settings(
+        slate_size=3, candidates=6, diversity=0.0, data_dir=tmp_path, covisit_snapshot_s=0.001
+    )
+    rec = Recommender(TableEncoder(), settings)  # type: ignore[arg-type]
+    import time
+
+    time.sleep(0.01)
+    slate_for(rec, "i3", "i4")
+    assert rec._saving is not None
+    rec._saving.join()
+    assert (tmp_path / "covisit" / "tiny-cv" / "covisit.safetensors").is_file()
