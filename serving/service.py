@@ -9,6 +9,7 @@ atomically), so a model swap never blocks or mixes versions within a batch.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from streamrec.metrics import Metrics
 from streamrec.settings import Settings
 
 log = logging.getLogger("streamrec.service")
+#: Model versions whose saved co-visitation counts are kept in ``data_dir/covisit``.
+COVISIT_VERSIONS_KEPT = 3
 
 
 class Recommender:
@@ -214,6 +217,15 @@ class Recommender:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write(path)
+                # Counts of older model versions: keep the few newest (a swap back finds its
+                # own), drop the rest so model swaps do not fill the disk.
+                versions = sorted(
+                    (d for d in path.parent.parent.iterdir() if d.is_dir()),
+                    key=lambda d: d.stat().st_mtime,
+                    reverse=True,
+                )
+                for old in versions[COVISIT_VERSIONS_KEPT:]:
+                    shutil.rmtree(old, ignore_errors=True)
             except OSError as exc:  # a full or read-only disk must not stop the worker
                 log.warning("co-visitation counts not saved to %s: %s", path, exc)
 

@@ -226,3 +226,9 @@ def test_covisit_counts_are_saved_every_snapshot_interval(tmp_path: Any) -> None
     assert rec._saving is not None
     rec._saving.join()
     assert (tmp_path / "covisit" / "tiny-cv" / "covisit.safetensors").is_file()
+    # Saves of later model versions keep the newest three versions' counts.
+    for k in range(4):
+        time.sleep(0.01)  # distinct modification times
+        Recommender(TableEncoder(f"tiny-{k}"), settings).save_covisit(wait=True)  # type: ignore[arg-type]
+    kept = sorted(d.name for d in (tmp_path / "covisit").iterdir())
+    assert kept == ["tiny-1", "tiny-2", "tiny-3"]
