@@ -240,27 +240,74 @@ class CoVisitation:
         gain = decay[owner % depth] * np.log1p(self.counts[at])
         return owner // depth, self.keys[at] % (self.num_items + 1), gain
 
-    def boost(self, recent: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """``(B, C) float32`` boosts (unweighted) of ``candidates (B, C)`` for users whose
-        newest items are ``recent (B, L)``, newest first, 0-padded. Gathers each user's rows
-        (a few hundred pairs) and looks the candidates up among them."""
+    def user_gains(self, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every (user, follower) boost of users whose newest items are ``recent (B, L)``,
+        newest first, 0-padded: sorted distinct keys ``user * (num_items + 1) + item`` and
+        their ``float32`` unweighted boosts. Gathers each user's rows (a few hundred pairs);
+        :meth:`boost` and :meth:`followers` read it (pass it to both to gather once)."""
         recent = np.asarray(recent, np.int64)
+        if recent.ndim != 2 or not recent.shape[1] or not len(self.keys):
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        user, item, gain = self._entries(recent)
+        keys, inverse = np.unique(user * (self.num_items + 1) + item, return_inverse=True)
+        gains = np.bincount(inverse, weights=gain, minlength=len(keys)).astype(np.float32)
+        return keys, gains
+
+    def boost(
+        self,
+        recent: np.ndarray,
+        candidates: np.ndarray,
+        gains: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """``(B, C) float32`` boosts (unweighted) of ``candidates (B, C)`` for users whose
+        newest items are ``recent (B, L)`` (or their :meth:`user_gains`)."""
         candidates = np.asarray(candidates, np.int64)
         out = np.zeros(candidates.shape, np.float32)
-        if recent.ndim != 2 or not recent.shape[1] or not len(self.keys):
-            return out
-        user, item, gain = self._entries(recent)
-        if not len(user):
+        keys, values = gains if gains is not None else self.user_gains(recent)
+        if not len(keys):
             return out
         span = self.num_items + 1
-        keys, inverse = np.unique(user * span + item, return_inverse=True)
-        gains = np.bincount(inverse, weights=gain, minlength=len(keys)).astype(np.float32)
         wanted = (np.arange(len(candidates), dtype=np.int64)[:, None] * span + candidates).ravel()
         pos = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
         ok = candidates.ravel()
         hit = (keys[pos] == wanted) & (ok > 0) & (ok <= self.num_items)
-        out.ravel()[hit] = gains[pos[hit]]
+        out.ravel()[hit] = values[pos[hit]]
         return out
+
+    def followers(
+        self,
+        recent: np.ndarray,
+        exclude: np.ndarray,
+        k: int,
+        gains: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` items with the largest boosts for users whose newest items are ``recent
+        (B, L)`` (or their :meth:`user_gains`), leaving out each user's ``exclude (B, C)``
+        items (0 = none): ``(B, k)`` item indices, best first, 0-padded, and their ``(B, k)
+        float32`` unweighted boosts. The worker adds them to the retrieved candidates, so a
+        strong follower the encoder ranked below the top K is still considered."""
+        exclude = np.asarray(exclude, np.int64)
+        items = np.zeros((len(exclude), max(k, 0)), np.int64)
+        boosts = np.zeros(items.shape, np.float32)
+        keys, values = gains if gains is not None else self.user_gains(recent)
+        if k <= 0 or not len(keys):
+            return items, boosts
+        span = self.num_items + 1
+        owner = np.arange(len(exclude), dtype=np.int64)[:, None]
+        drop = (owner * span + exclude)[exclude > 0]
+        pos = np.minimum(np.searchsorted(keys, drop), len(keys) - 1)
+        keep = np.ones(len(keys), dtype=bool)
+        keep[pos[keys[pos] == drop]] = False
+        keys, values = keys[keep], values[keep]
+        users = keys // span
+        # Keys are sorted by user: a stable sort on the negated boost within each user.
+        order = np.lexsort((-values, users))
+        keys, values, users = keys[order], values[order], users[order]
+        rank = np.arange(len(keys)) - np.searchsorted(users, users, side="left")
+        top = rank < k
+        items[users[top], rank[top]] = keys[top] % span
+        boosts[users[top], rank[top]] = values[top]
+        return items, boosts
 
     def dense_boost(self, recent: np.ndarray) -> np.ndarray:
         """``(B, num_items + 1) float32``: :meth:`boost` of every item (evaluation)."""

@@ -113,6 +113,7 @@ class SlateSetup:
     ordering: str = "dcg"
     rerank_candidates: int | None = None
     covisit_weight: float | None = None
+    covisit_candidates: int = 10
 
 
 def pipeline_slates(

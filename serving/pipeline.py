@@ -1,5 +1,5 @@
 """The transport-free recommendation pipeline:
-encode -> retrieve -> filter -> covisit -> rerank -> order.
+encode -> retrieve -> covisit -> filter -> rerank -> order.
 
 Each stage is a small class with a stable ``name`` (log text, the ``stage`` metric label, error
 text) that maps one frozen dataclass to the next. Everything works on whole batches: one
@@ -235,6 +235,9 @@ class FilterStage:
             scores=retrieval
             if cands.scores is cands.retrieval_scores
             else take(cands.scores, -np.inf).astype(np.float32, copy=False),
+            covisit=None
+            if cands.covisit is None
+            else take(cands.covisit, 0.0).astype(np.float32, copy=False),
         )
 
 
@@ -306,18 +309,35 @@ class RerankStage:
 
 
 class CoVisitStage:
-    """Adds ``weight * boost`` (``serving.covisit``) to each candidate's retrieval score (and
-    current score), hands the unweighted boost on for the reranker (``Candidates.covisit``)
-    and counts each request's newest step into the table. Without a table it passes through."""
+    """Adds each user's ``add`` strongest followers (``serving.covisit``) the retrieval missed
+    to the candidates (scored ``user . item`` like the rest), adds ``weight * boost`` to every
+    candidate's retrieval score (and current score), hands the unweighted boost on for the
+    reranker (``Candidates.covisit``) and counts each request's newest step into the table.
+    Without a table it passes through. It runs before the filter, which then treats the
+    added candidates like the retrieved ones."""
 
     name: ClassVar[str] = "covisit"
 
-    def __init__(self, table: CoVisitation | None, vocab: dict[str, int] | None) -> None:
+    def __init__(
+        self,
+        table: CoVisitation | None,
+        vocab: dict[str, int] | None,
+        index: ItemIndex | None = None,
+        add: int = 0,
+    ) -> None:
         if table is not None and vocab is None:
             raise ValueError(f"{self.name}: expected the encoder's item vocabulary with a table")
+        if add < 0:
+            raise ValueError(f"{self.name}: expected add >= 0 followers per user, got {add}")
         self.table = table if table is not None and table.config.weight > 0 else None
         self.vocab: dict[str, int] = vocab or {}
+        self.index, self.add = index, add
         self._row_index = np.zeros(0, dtype=np.int64)  # -1 = not looked up yet
+        self._item_row = np.zeros(0, dtype=np.int64)  # model index -> index row (_rows_of)
+        self._ids = np.empty(len(self.vocab) + 1, dtype=object)  # model index -> item id
+        for item, i in self.vocab.items():
+            if 0 < i < len(self._ids):
+                self._ids[i] = item
 
     @property
     def weight(self) -> float:
@@ -350,9 +370,65 @@ class CoVisitStage:
                 out[b, j] = get(items[-1 - j], 0)
         return out
 
-    def __call__(self, cands: Candidates) -> Candidates:
-        """Boost the candidates, then count each request's newest step after the steps
-        before it (one read of the histories serves both)."""
+    def _expand(
+        self,
+        table: CoVisitation,
+        index: ItemIndex,
+        cands: Candidates,
+        gains: tuple[np.ndarray, np.ndarray],
+        items: np.ndarray,
+        users: np.ndarray,
+    ) -> tuple[Candidates, np.ndarray]:
+        """``cands`` with each user's strongest followers that are not candidates yet added
+        after its valid candidates, and the model item index of every candidate."""
+        follow, _ = table.followers(np.zeros((0, 0)), items, self.add, gains)
+        rows = self._rows_of(index, follow)
+        # A row added to the index after this batch's search is not in its row_ids snapshot.
+        rows[rows >= len(cands.row_ids)] = -1
+        keep = rows >= 0
+        if not keep.any():
+            return cands, items
+        score = np.einsum("bd,bkd->bk", users, index.vectors_of_rows(rows)).astype(np.float32)
+        col = cands.valid.sum(axis=1)[:, None] + np.cumsum(keep, axis=1) - 1
+        width = max(cands.rows.shape[1], int(col[keep].max()) + 1)
+        b = np.nonzero(keep)[0]
+
+        def grown(x: np.ndarray, fill: float, new: np.ndarray) -> np.ndarray:
+            out = np.full((len(x), width), fill, dtype=x.dtype)
+            out[:, : x.shape[1]] = x
+            out[b, col[keep]] = new[keep]
+            return out
+
+        retrieval = grown(cands.retrieval_scores, -np.inf, score)
+        same = cands.scores is cands.retrieval_scores
+        out = replace(
+            cands,
+            rows=grown(cands.rows, -1, rows),
+            retrieval_scores=retrieval,
+            scores=retrieval if same else grown(cands.scores, -np.inf, score),
+        )
+        return out, grown(items, 0, follow)
+
+    def _rows_of(self, index: ItemIndex, items: np.ndarray) -> np.ndarray:
+        """Live index row of each model item index (-1: none, removed, or 0). An item keeps
+        its row for the index's life, so each is looked up once; liveness is read per call."""
+        if len(self._item_row) != len(self._ids):
+            self._item_row = np.full(len(self._ids), -2, dtype=np.int64)  # -2: not looked up
+        found = self._item_row[items]
+        missing = np.unique(items[(found == -2) & (items > 0)])
+        if len(missing):
+            self._item_row[missing] = index.rows_of(self._ids[missing].tolist(), live_only=False)
+            found = self._item_row[items]
+        live = index.live_mask()
+        ok = (found >= 0) & (items > 0)
+        ok[ok] &= found[ok] < len(live)
+        ok[ok] &= live[found[ok]]
+        return np.where(ok, found, -1)
+
+    def __call__(self, cands: Candidates, user_vectors: np.ndarray | None = None) -> Candidates:
+        """Add followers (with ``user_vectors (B, D)`` and an index), boost the candidates,
+        then count each request's newest step after the steps before it (one read of the
+        histories serves all three)."""
         table = self.table
         if table is None:
             return cands
@@ -360,7 +436,10 @@ class CoVisitStage:
         cfg = table.config
         newest = self.newest(cands.requests, max(cfg.lookback, cfg.window + 1))
         items = self._items_of(cands.rows, cands.row_ids)
-        boost = table.boost(newest[:, : cfg.lookback], items)
+        gains = table.user_gains(newest[:, : cfg.lookback])
+        if self.add and self.index is not None and user_vectors is not None:
+            cands, items = self._expand(table, self.index, cands, gains, items, user_vectors)
+        boost = table.boost(newest[:, : cfg.lookback], items, gains)
         weighted = np.float32(self.weight) * boost
         valid = cands.valid
         retrieval = np.where(valid, cands.retrieval_scores + weighted, -np.inf).astype(np.float32)
@@ -508,6 +587,8 @@ class PipelineSettings(Protocol):
     def rerank_candidates(self) -> int | None: ...
     @property
     def covisit_weight(self) -> float | None: ...
+    @property
+    def covisit_candidates(self) -> int: ...
 
 
 #: Diversity weight of a scorer that has none chosen on validation (``serving.calibration``).
@@ -528,13 +609,13 @@ def resolve_diversity(setting: float | None, ordering: str, scorer: object) -> t
 
 
 class Pipeline:
-    """encode -> retrieve -> filter -> covisit -> rerank -> order over a batch of requests."""
+    """encode -> retrieve -> covisit -> filter -> rerank -> order over a batch of requests."""
 
     STAGES: ClassVar[tuple[str, ...]] = (
         "encode",
         "retrieve",
-        "filter",
         "covisit",
+        "filter",
         "rerank",
         "order",
     )
@@ -561,13 +642,15 @@ class Pipeline:
         rerank_top: int | None = None,
         diversity_source: str = "argument",
         covisit_weight: float | None = None,
+        covisit_candidates: int = 10,
     ) -> None:
         """``rerank_top``: candidates per user the reranker scores (``RerankStage``); None:
         as many as the reranker was trained on (its ``trained_candidates``), else all.
         ``diversity_source``: where ``diversity`` came from, for the start-up log.
         ``covisit_weight``: weight of the encoder's co-visitation table (its ``covisit``);
         None: the weight stored with it, or off with a reranker trained without the table
-        (``RerankerConfig.covisit``); 0: off."""
+        (``RerankerConfig.covisit``); 0: off. ``covisit_candidates``: each user's strongest
+        followers in the table added to the retrieved candidates when retrieval missed them."""
         if encoder.dim != index.dim:
             raise ValueError(
                 f"pipeline: expected encoder dim == index dim, got {encoder.dim} and {index.dim}"
@@ -606,7 +689,7 @@ class Pipeline:
             # the table only applies when asked for (``covisit_weight``).
             table = None
         vocab = getattr(encoder, "vocab", None)
-        self.covisit = CoVisitStage(table, getattr(vocab, "index", None))
+        self.covisit = CoVisitStage(table, getattr(vocab, "index", None), index, covisit_candidates)
         self.order = OrderStage(
             index,
             rows,
@@ -667,6 +750,7 @@ class Pipeline:
             ordering=settings.ordering,
             rerank_top=settings.rerank_candidates,
             covisit_weight=settings.covisit_weight,
+            covisit_candidates=settings.covisit_candidates,
             diversity_source=source,
             **params,
         )
@@ -687,10 +771,10 @@ class Pipeline:
         t = self._timed(self.encode.name, t)
         cands = self.retrieve(encoded)
         t = self._timed(self.retrieve.name, t)
+        cands = self.covisit(cands, encoded.user_vectors)
+        t = self._timed(self.covisit.name, t)
         cands = self.filter(cands)
         t = self._timed(self.filter.name, t)
-        cands = self.covisit(cands)
-        t = self._timed(self.covisit.name, t)
         cands = self.rerank(cands)
         t = self._timed(self.rerank.name, t)
         ordered = self.order(cands)

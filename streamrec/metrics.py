@@ -30,7 +30,7 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SLATE_HIT_KS = (1, 5, 10)
 #: Pipeline stage names (the ``stage`` label); serving.pipeline.Pipeline.STAGES must match.
-STAGES = ("encode", "retrieve", "filter", "covisit", "rerank", "order")
+STAGES = ("encode", "retrieve", "covisit", "filter", "rerank", "order")
 ITEM_OPS = ("upsert", "delete")
 
 

@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         description="weight of the model's item-to-item co-visitation boost; unset: the "
         "weight chosen on validation and stored with the model; 0: off",
     )
+    covisit_candidates: int = Field(
+        10,
+        ge=0,
+        le=200,
+        description="each user's strongest co-visitation followers added to the retrieved "
+        "candidates when retrieval missed them (scored user . item like the rest); 0: none",
+    )
     covisit_snapshot_s: float = Field(
         60.0,
         ge=0.0,

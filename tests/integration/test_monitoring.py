@@ -33,7 +33,7 @@ from streamrec.monitoring import (
 pytestmark = pytest.mark.prometheus
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
-STAGES = ("encode", "retrieve", "filter", "covisit", "rerank", "order")
+STAGES = ("encode", "retrieve", "covisit", "filter", "rerank", "order")
 REASONS = ("invalid_json", "missing_field", "oversize")
 
 

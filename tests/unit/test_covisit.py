@@ -180,6 +180,24 @@ def test_save_load_and_errors(tmp_path: Path) -> None:
         CoVisitation(4, cfg, np.array([3, 2]), np.array([1.0, 1.0]))
 
 
+def test_followers_are_the_largest_boosts_minus_the_excluded() -> None:
+    rng = np.random.default_rng(3)
+    table = CoVisitation.build(random_seqs(rng, 30, 200), 30, CoVisitConfig(top_k=8))
+    recent = rng.integers(0, 31, size=(16, 3))
+    exclude = rng.integers(0, 31, size=(16, 5))
+    items, boosts = table.followers(recent, exclude, 4)
+    dense = table.dense_boost(recent)
+    for b in range(16):
+        allowed = dense[b].copy()
+        allowed[exclude[b][exclude[b] > 0]] = 0.0
+        want = np.sort(allowed[allowed > 0])[::-1][:4]
+        got = boosts[b][items[b] > 0]
+        np.testing.assert_allclose(got, want, rtol=1e-5)  # best first
+        np.testing.assert_allclose(dense[b][items[b][items[b] > 0]], got, rtol=1e-5)
+        assert not set(items[b][items[b] > 0].tolist()) & set(exclude[b].tolist())
+    assert table.followers(recent, exclude, 0)[0].shape == (16, 0)
+
+
 def test_recent_items_newest_first() -> None:
     items = torch.tensor([[0, 0, 4, 5], [1, 2, 3, 7]])
     assert recent_items(items, 3).tolist() == [[5, 4, 0], [7, 3, 2]]
@@ -309,6 +327,33 @@ def test_pipeline_stage_boosts_and_counts_online() -> None:
     )
     assert asked.covisit.weight == 0.5
     assert off.recommend([SlateRequest("u", steps("i0"))])[0].scores == [0.0, 0.0, 0.0]
+
+
+def test_pipeline_adds_the_followers_retrieval_missed_and_filters_them() -> None:
+    seqs = [np.array([1, 5]), np.array([1, 5]), np.array([1, 3])]  # i0 -> i4 (2), i0 -> i2
+    table = CoVisitation.build(seqs, 6, CoVisitConfig(weight=1.0))
+    params = {"candidates": 1, "slate_size": 1, "diversity": 0.0}
+    pipe = Pipeline.from_encoder(VocabEncoder(table), **params)
+    assert Pipeline.STAGES.index("covisit") < Pipeline.STAGES.index("filter")
+    # Retrieval keeps one item (all score 0); the table adds i0's followers, best first.
+    assert pipe.recommend([SlateRequest("u", steps("i0"))])[0].item_ids == ["i4"]
+    retrieved = pipe.retrieve(pipe.encode((SlateRequest("u", steps("i0")),)))
+    assert retrieved.rows.shape == (1, 1)
+    grown = pipe.covisit(retrieved, np.ones((1, 2), np.float32))
+    assert grown.rows.shape[1] == 3
+    assert sorted(grown.row_ids[grown.rows[0]].tolist())[1:] == ["i2", "i4"]
+    assert grown.covisit is not None
+    assert grown.covisit[0].max() == pytest.approx(math.log1p(2.0))
+    # The filter sees the added candidates: a purchased follower stays out.
+    bought = [Step("i4", "purchase", 1), Step("i0", "view", 2)]
+    assert pipe.recommend([SlateRequest("v", bought)])[0].item_ids == ["i2"]
+    # So does a follower removed from the index.
+    pipe.index.remove(["i4"])
+    assert pipe.recommend([SlateRequest("w", steps("i0"))])[0].item_ids == ["i2"]
+    none = Pipeline.from_encoder(VocabEncoder(table), covisit_candidates=0, **params)
+    # Without: retrieval's one item is i0 (row 0 of equal scores), the trigger, filtered.
+    assert none.retrieve(none.encode((SlateRequest("u", steps("i0")),))).rows.tolist() == [[0]]
+    assert none.recommend([SlateRequest("u", steps("i0"))])[0].item_ids == []
 
 
 def test_cli_covisit_and_evaluate_rows(tmp_path: Path) -> None:

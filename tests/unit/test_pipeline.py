@@ -278,6 +278,7 @@ class FakeSettings:
     ordering = "mmr"
     rerank_candidates: int | None = None
     covisit_weight: float | None = None
+    covisit_candidates = 10
 
 
 def test_from_settings(world: tuple[MeanEncoder, Catalog]) -> None:
