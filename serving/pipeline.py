@@ -11,9 +11,10 @@ Decisions:
   allowed (repeat views and re-purchase intent are common), except the item of the triggering
   event (the last step), which the user is looking at right now. ``filter_seen=True`` drops
   every history item.
-- Co-visitation (``serving.covisit``, when the model has a table with a weight): each
-  candidate's retrieval score gains ``weight * boost`` from how often it followed the user's
-  newest items, before the reranker, which reads the boost itself when it was trained with
+- Co-visitation (``serving.covisit``, when the model has a table with a weight): the user's
+  strongest followers that retrieval missed join the candidates (before the filter), and
+  each candidate's retrieval score gains ``weight * boost`` from how often it followed the
+  user's newest items, before the reranker, which reads the boost itself when it was trained with
   the table (``RerankerConfig.covisit``); a reranker trained without it switches the table
   off unless a weight is given. Every request's trigger step is counted into the table as
   it passes.
