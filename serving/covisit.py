@@ -275,21 +275,17 @@ class CoVisitation:
         return out
 
     def followers(
-        self,
-        recent: np.ndarray,
-        exclude: np.ndarray,
-        k: int,
-        gains: tuple[np.ndarray, np.ndarray] | None = None,
+        self, gains: tuple[np.ndarray, np.ndarray], exclude: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` items with the largest boosts for users whose newest items are ``recent
-        (B, L)`` (or their :meth:`user_gains`), leaving out each user's ``exclude (B, C)``
-        items (0 = none): ``(B, k)`` item indices, best first, 0-padded, and their ``(B, k)
-        float32`` unweighted boosts. The worker adds them to the retrieved candidates, so a
-        strong follower the encoder ranked below the top K is still considered."""
+        """The ``k`` items with the largest boosts in ``gains`` (:meth:`user_gains` of the
+        users' newest items), leaving out each user's ``exclude (B, C)`` items (0 = none):
+        ``(B, k)`` item indices, best first, 0-padded, and their ``(B, k) float32``
+        unweighted boosts. The worker adds them to the retrieved candidates, so a strong
+        follower the encoder ranked below the top K is still considered."""
         exclude = np.asarray(exclude, np.int64)
         items = np.zeros((len(exclude), max(k, 0)), np.int64)
         boosts = np.zeros(items.shape, np.float32)
-        keys, values = gains if gains is not None else self.user_gains(recent)
+        keys, values = gains
         if k <= 0 or not len(keys):
             return items, boosts
         span = self.num_items + 1

@@ -309,6 +309,22 @@ class RerankStage:
         return np.where(valid, scores, -np.inf).astype(np.float32)
 
 
+def served_table(
+    table: CoVisitation | None, reranker: object | None = None, weight: float | None = None
+) -> CoVisitation | None:
+    """The co-visitation table a pipeline applies: ``table`` read at ``weight`` when one is
+    given; else at its stored weight, except under a reranker trained without the table
+    (``RerankerConfig.covisit``), which never saw boosted retrieval scores. None when off
+    (no table, or weight 0)."""
+    if not isinstance(table, CoVisitation):
+        return None
+    if weight is not None:
+        table = table.with_weight(weight)
+    elif reranker is not None and not getattr(getattr(reranker, "cfg", None), "covisit", False):
+        return None
+    return table if table.config.weight > 0 else None
+
+
 class CoVisitStage:
     """Adds each user's ``add`` strongest followers (``serving.covisit``) the retrieval missed
     to the candidates (scored ``user . item`` like the rest), adds ``weight * boost`` to every
@@ -382,7 +398,7 @@ class CoVisitStage:
     ) -> tuple[Candidates, np.ndarray]:
         """``cands`` with each user's strongest followers that are not candidates yet added
         after its valid candidates, and the model item index of every candidate."""
-        follow, _ = table.followers(np.zeros((0, 0)), items, self.add, gains)
+        follow, _ = table.followers(gains, items, self.add)
         rows = self._rows_of(index, follow)
         # A row added to the index after this batch's search is not in its row_ids snapshot.
         rows[rows >= len(cands.row_ids)] = -1
@@ -682,13 +698,7 @@ class Pipeline:
         if rerank_top is None:
             rerank_top = getattr(reranker, "trained_candidates", None)
         self.rerank = RerankStage(reranker or RetrievalScoreReranker(), rerank_top)
-        table: CoVisitation | None = getattr(encoder, "covisit", None)
-        if table is not None and covisit_weight is not None:
-            table = table.with_weight(covisit_weight)
-        elif reranker is not None and not getattr(getattr(reranker, "cfg", None), "covisit", False):
-            # A reranker trained without the table never saw boosted retrieval scores, so
-            # the table only applies when asked for (``covisit_weight``).
-            table = None
+        table = served_table(getattr(encoder, "covisit", None), reranker, covisit_weight)
         vocab = getattr(encoder, "vocab", None)
         self.covisit = CoVisitStage(table, getattr(vocab, "index", None), index, covisit_candidates)
         self.order = OrderStage(

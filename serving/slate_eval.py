@@ -39,6 +39,7 @@ from serving.covisit import CoVisitation, batch_booster, sequences_before
 from serving.data import EncodedLog, EvalCase, LeaveOneOut
 from serving.evaluate import evaluate_split
 from serving.ordering import coverage, diversify, dpp, intra_list_diversity
+from serving.pipeline import served_table
 from serving.reranker import (
     MISS,
     EncoderLike,
@@ -278,14 +279,9 @@ def choose_weight(
 def serving_table(
     encoder: EncoderLike, reranker: TransformerReranker | None = None
 ) -> CoVisitation | None:
-    """The encoder's co-visitation table when the pipeline would apply it by default: it has
-    a weight, and there is no reranker or one trained with it (``serving.pipeline``)."""
-    table = getattr(encoder, "covisit", None)
-    if not isinstance(table, CoVisitation) or table.config.weight <= 0:
-        return None
-    if reranker is not None and not reranker.cfg.covisit:
-        return None
-    return table
+    """The encoder's co-visitation table as the pipeline applies it by default
+    (:func:`serving.pipeline.served_table`)."""
+    return served_table(getattr(encoder, "covisit", None), reranker)
 
 
 def calibrate(

@@ -175,7 +175,6 @@ def main(
     aux_dir = heldout_model or model_dir.with_name(model_dir.name + "-heldout")
     if heldout_steps:
         aux = cross_fitted_encoder(encoder, split, aux_dir)
-        table = encoder.covisit if covisit else None
         heldout = heldout_candidates(
             aux,
             split,
@@ -183,7 +182,7 @@ def main(
             steps=heldout_steps,
             candidates=candidates,
             seq_len=max_len,
-            covisit=table if table is not None and table.config.weight > 0 else None,
+            covisit=encoder.covisit if covisit else None,  # a weight-0 table reads as none
         )
         console.print(
             f"{len(heldout)} cross-fitted cases, recall@{candidates} "

@@ -93,7 +93,6 @@ def train_reranker(
             aux_dir = cross_fit_dir or model.with_name(model.name + "-cross-fit")
             typer.echo(f"cross-fitted encoder: {aux_dir}")
             aux = cross_fitted_encoder(encoder, split, aux_dir, progress=progress)
-            table = encoder.covisit if covisit else None
             heldout = heldout_candidates(
                 aux,
                 split,
@@ -101,7 +100,7 @@ def train_reranker(
                 steps=2,
                 candidates=candidates,
                 seq_len=RerankerConfig(1, 1).max_len,
-                covisit=table if table is not None and table.config.weight > 0 else None,
+                covisit=encoder.covisit if covisit else None,  # weight 0 reads as none
             )
         # A model trained with item attributes gives the reranker its category feature.
         result = train(

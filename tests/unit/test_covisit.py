@@ -185,7 +185,7 @@ def test_followers_are_the_largest_boosts_minus_the_excluded() -> None:
     table = CoVisitation.build(random_seqs(rng, 30, 200), 30, CoVisitConfig(top_k=8))
     recent = rng.integers(0, 31, size=(16, 3))
     exclude = rng.integers(0, 31, size=(16, 5))
-    items, boosts = table.followers(recent, exclude, 4)
+    items, boosts = table.followers(table.user_gains(recent), exclude, 4)
     dense = table.dense_boost(recent)
     for b in range(16):
         allowed = dense[b].copy()
@@ -195,7 +195,7 @@ def test_followers_are_the_largest_boosts_minus_the_excluded() -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5)  # best first
         np.testing.assert_allclose(dense[b][items[b][items[b] > 0]], got, rtol=1e-5)
         assert not set(items[b][items[b] > 0].tolist()) & set(exclude[b].tolist())
-    assert table.followers(recent, exclude, 0)[0].shape == (16, 0)
+    assert table.followers(table.user_gains(recent), exclude, 0)[0].shape == (16, 0)
 
 
 def test_recent_items_newest_first() -> None:
