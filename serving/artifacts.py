@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from serving.affinity import Affinity, AffinityConfig
 from serving.calibration import slate_weight_of, temperature_of
 from serving.covisit import CoVisitation, CoVisitError
 from serving.data import Features, ItemVocab, gap_bucket, sequence_features
@@ -190,6 +191,8 @@ class LoadedEncoder:
         self.attribute_index: dict[str, int] = {}
         #: Item-to-item co-visitation counts stored with the model (``serving.covisit``).
         self.covisit: CoVisitation | None = None
+        #: Attribute affinity with its fitted weight (``serving.affinity``).
+        self.affinity: Affinity | None = None
 
     @property
     def version(self) -> str:
@@ -475,4 +478,12 @@ def load_model(
                 f"{STAGE}: expected a co-visitation table over the model's {cfg.num_items} "
                 f"items in {path}, got one over {loaded.covisit.num_items}"
             )
+    affinity = config.get("affinity")
+    if isinstance(affinity, dict):
+        try:
+            loaded.affinity = Affinity.of_model(model, AffinityConfig.from_dict(affinity))
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(
+                f"{STAGE}: expected valid affinity settings in {path}: {exc}"
+            ) from exc
     return loaded

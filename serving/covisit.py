@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,7 +35,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from serving.data import EncodedLog, LeaveOneOut
-from serving.evaluate import SequenceScorer, evaluate_split
+from serving.evaluate import Booster, SequenceScorer, metrics_from_ranks, rank_targets_grid
+
+if TYPE_CHECKING:
+    from serving.affinity import Affinity
 
 STAGE = "covisit"
 FILE = "covisit.safetensors"
@@ -384,6 +388,21 @@ def batch_booster(table: CoVisitation) -> Callable[[torch.Tensor], torch.Tensor]
     return boost
 
 
+def summed_booster(*boosters: Booster | None) -> Booster | None:
+    """One booster adding the given ones (None entries skipped); None when none is left."""
+    parts = [b for b in boosters if b is not None]
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+
+    def boost(items: torch.Tensor) -> torch.Tensor:
+        total = parts[0](items)
+        for part in parts[1:]:
+            total = total + part(items)
+        return total
+
+    return boost
+
+
 def sequences_before(split: LeaveOneOut, log: EncodedLog, which: str) -> list[np.ndarray]:
     """Every user's steps before the ``which`` split's held-out step ('valid': the training
     steps; 'test': those and the validation step): the table a worker would hold after
@@ -399,11 +418,15 @@ def sequences_before(split: LeaveOneOut, log: EncodedLog, which: str) -> list[np
 
 @dataclass(frozen=True, slots=True)
 class CoVisitFit:
-    """A table built from the training steps and the weight chosen on validation."""
+    """A table built from the training steps and the weight chosen on validation, and the
+    attribute affinity's weight chosen with it (``serving.affinity``; None without one)."""
 
     table: CoVisitation
-    ndcg_by_weight: dict[float, float]  # validation NDCG@10 (history kept) per weight tried
+    ndcg_by_weight: dict[float, float]  # validation NDCG@10 per table weight (chosen affinity)
     users: int
+    affinity: Affinity | None = None
+    ndcg_by_affinity: dict[float, float] = field(default_factory=dict)  # at the chosen table
+    exclude_history: bool = False  # validation ranked without the user's history
 
     @property
     def gain(self) -> float:
@@ -412,12 +435,19 @@ class CoVisitFit:
         return best / base - 1.0 if base > 0 else 0.0
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "weight": self.table.config.weight,
             "validation_ndcg10_by_weight": {f"{w:g}": v for w, v in self.ndcg_by_weight.items()},
             "validation_users": self.users,
+            "validation_history": "excluded" if self.exclude_history else "kept",
             "pairs": len(self.table),
         }
+        if self.affinity is not None:
+            out["affinity_weight"] = self.affinity.weight
+            out["validation_ndcg10_by_affinity_weight"] = {
+                f"{w:g}": v for w, v in self.ndcg_by_affinity.items()
+            }
+        return out
 
 
 def fit_covisit(
@@ -429,22 +459,49 @@ def fit_covisit(
     max_len: int,
     config: CoVisitConfig | None = None,
     grid: Sequence[float] = WEIGHT_GRID,
+    affinity: Affinity | None = None,
+    affinity_grid: Sequence[float] = (),
+    exclude_history: bool = False,
 ) -> CoVisitFit:
     """Build the table from the training steps and choose its weight on the validation
-    cases: the best NDCG@10 (history kept, as early stopping scores), the smaller weight on a
-    tie; 0 means the table does not help this model and is switched off."""
-    if not split.cases("valid"):
+    cases: the best NDCG@10 (history kept as early stopping scores it, or excluded for a
+    worker that filters seen items), the smaller weight on a tie; 0 means the table does not
+    help this model and is switched off. With ``affinity`` every pair of a table weight and an
+    ``affinity_grid`` weight is scored (one pass over the cases) and the best pair chosen."""
+    cases = split.cases("valid")
+    if not cases:
         raise ValueError(f"{STAGE}: expected validation cases (users with >= 3 steps), got none")
     base = CoVisitation.build(
         sequences_before(split, log, "valid"), num_items, config or CoVisitConfig()
     )
-    scores: dict[float, float] = {}
-    for weight in sorted({0.0, *grid}):
-        boost = batch_booster(base.with_weight(weight)) if weight > 0 else None
-        report = evaluate_split(model, split, log, "valid", max_len=max_len, boost=boost)
-        scores[weight] = report.metrics["NDCG@10"]
-    best = max(scores, key=lambda w: (scores[w], -w))
-    return CoVisitFit(base.with_weight(best), scores, len(split.cases("valid")))
+    boosts = [batch_booster(base.with_weight(1.0))]
+    table_weights = sorted({0.0, *grid})
+    aff_weights = sorted({0.0, *affinity_grid}) if affinity is not None else [0.0]
+    if affinity is not None:
+        boosts.append(affinity.booster(1.0))
+    combos = [(t, a) for t in table_weights for a in aff_weights]
+    inputs = [log.prefix(c.user, c.cut, max_len) for c in cases]
+    targets = np.fromiter((log.target(c) for c in cases), dtype=np.int64, count=len(cases))
+    ranks = rank_targets_grid(
+        model,
+        inputs,
+        targets,
+        boosts=boosts,
+        weights=[combo[: len(boosts)] for combo in combos],
+        exclude_history=exclude_history,
+    )
+    scores = {
+        combo: metrics_from_ranks(r)["NDCG@10"] for combo, r in zip(combos, ranks, strict=True)
+    }
+    bt, ba = max(scores, key=lambda c: (scores[c], -c[0], -c[1]))
+    return CoVisitFit(
+        base.with_weight(bt),
+        {t: scores[(t, ba)] for t in table_weights},
+        len(cases),
+        affinity.with_weight(ba) if affinity is not None else None,
+        {a: scores[(bt, a)] for a in aff_weights} if affinity is not None else {},
+        exclude_history,
+    )
 
 
 def store_covisit(
@@ -459,6 +516,10 @@ def store_covisit(
     config["covisit"] = table.to_config()
     if fit is not None:
         config["covisit_fit"] = fit.to_dict()
+        if fit.affinity is not None:
+            config["affinity"] = fit.affinity.to_config()
+        else:
+            config.pop("affinity", None)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)

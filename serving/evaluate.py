@@ -91,35 +91,69 @@ def rank_targets(
     held-out item. ``boost`` adds ``(B, N + 1)`` scores computed from the batch's left-padded
     items (co-visitation, ``serving.covisit``). Runs on the device the item table lives on.
     """
+    boosts = [boost] if boost is not None else []
+    weights = [(1.0,)] if boost is not None else [()]
+    return rank_targets_grid(
+        model,
+        inputs,
+        targets,
+        boosts=boosts,
+        weights=weights,
+        exclude_history=exclude_history,
+        batch_size=batch_size,
+    )[0]
+
+
+def rank_targets_grid(
+    model: SequenceScorer,
+    inputs: Sequence[Features],
+    targets: np.ndarray,
+    *,
+    boosts: Sequence[Booster],
+    weights: Sequence[Sequence[float]],
+    exclude_history: bool = False,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """:func:`rank_targets` for many weightings of the same boosts in one pass: ``(G, U)``
+    ranks, row ``g`` scored ``user . item + sum_i weights[g][i] * boosts[i]``. The encoder
+    and each boost run once per batch (fitting the co-visitation and affinity weights)."""
     if len(inputs) != len(targets):
         raise ValueError(
             f"{STAGE}: expected one target per input, got {len(inputs)} inputs "
             f"and {len(targets)} targets"
         )
+    if any(len(w) != len(boosts) for w in weights):
+        raise ValueError(f"{STAGE}: expected {len(boosts)} weights per row, got {list(weights)}")
     was_training = getattr(model, "training", False)
     model.eval()
     table = model.item_table().detach()
     n_rows = table.shape[0]
-    ranks = np.empty(len(inputs), dtype=np.int64)
+    ranks = np.empty((len(weights), len(inputs)), dtype=np.int64)
     # Sorting by length keeps padding (and attention cost) per batch small.
     order = np.argsort([len(s) for s in inputs], kind="stable")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = collate([inputs[i] for i in idx]).to(table.device)
-        scores = model.user_vectors(batch) @ table.T  # (B, N + 1)
-        if boost is not None:
-            scores = scores + boost(batch.items)
-        scores[:, 0] = -torch.inf
+        base = model.user_vectors(batch) @ table.T  # (B, N + 1)
+        extra = [b(batch.items) for b in boosts]
         tgt = torch.from_numpy(targets[idx]).to(table.device)
+        hist = None
         if exclude_history:
             hist = batch.items.clone()
             hist[hist == tgt[:, None]] = 0
-            scores.scatter_(1, hist, -torch.inf)
+        for g, row in enumerate(weights):
+            scores = base.clone() if len(weights) > 1 else base
+            for w, e in zip(row, extra, strict=True):
+                if w:
+                    scores += w * e
             scores[:, 0] = -torch.inf
-        tgt_score = scores.gather(1, tgt[:, None])
-        rank = (scores > tgt_score).sum(dim=1)
-        rank = torch.where(tgt > 0, rank, torch.full_like(rank, n_rows))
-        ranks[idx] = rank.cpu().numpy()
+            if hist is not None:
+                scores.scatter_(1, hist, -torch.inf)
+                scores[:, 0] = -torch.inf
+            tgt_score = scores.gather(1, tgt[:, None])
+            rank = (scores > tgt_score).sum(dim=1)
+            rank = torch.where(tgt > 0, rank, torch.full_like(rank, n_rows))
+            ranks[g, idx] = rank.cpu().numpy()
     model.train(was_training)
     return ranks
 

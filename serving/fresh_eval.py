@@ -114,6 +114,7 @@ class SlateSetup:
     rerank_candidates: int | None = None
     covisit_weight: float | None = None
     covisit_candidates: int = 10
+    affinity_weight: float | None = None
 
 
 def pipeline_slates(

@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from serving.affinity import Affinity
 from serving.catalog import Catalog, CatalogRows
 from serving.covisit import CoVisitation
 from serving.encoder import serving_window
@@ -325,12 +326,26 @@ def served_table(
     return table if table.config.weight > 0 else None
 
 
+def served_affinity(
+    affinity: Affinity | None, reranker: object | None = None, weight: float | None = None
+) -> Affinity | None:
+    """The attribute affinity a pipeline applies: read at ``weight`` when one is given, else
+    at its stored weight; never under a reranker (it reads the candidates' categories itself
+    and was trained on scores without affinity). None when off."""
+    if not isinstance(affinity, Affinity) or reranker is not None:
+        return None
+    if weight is not None:
+        affinity = affinity.with_weight(weight)
+    return affinity if affinity.weight > 0 else None
+
+
 class CoVisitStage:
     """Adds each user's ``add`` strongest followers (``serving.covisit``) the retrieval missed
     to the candidates (scored ``user . item`` like the rest), adds ``weight * boost`` to every
     candidate's retrieval score (and current score), hands the unweighted boost on for the
     reranker (``Candidates.covisit``) and counts each request's newest step into the table.
-    Without a table it passes through. It runs before the filter, which then treats the
+    With an ``affinity`` (``serving.affinity``) it also adds ``affinity weight * affinity``.
+    Without either it passes through. It runs before the filter, which then treats the
     added candidates like the retrieved ones."""
 
     name: ClassVar[str] = "covisit"
@@ -341,12 +356,16 @@ class CoVisitStage:
         vocab: dict[str, int] | None,
         index: ItemIndex | None = None,
         add: int = 0,
+        affinity: Affinity | None = None,
     ) -> None:
-        if table is not None and vocab is None:
-            raise ValueError(f"{self.name}: expected the encoder's item vocabulary with a table")
+        if (table is not None or affinity is not None) and vocab is None:
+            raise ValueError(
+                f"{self.name}: expected the encoder's item vocabulary with a table or affinity"
+            )
         if add < 0:
             raise ValueError(f"{self.name}: expected add >= 0 followers per user, got {add}")
         self.table = table if table is not None and table.config.weight > 0 else None
+        self.affinity = affinity if affinity is not None and affinity.weight > 0 else None
         self.vocab: dict[str, int] = vocab or {}
         self.index, self.add = index, add
         self._row_index = np.zeros(0, dtype=np.int64)  # -1 = not looked up yet
@@ -446,18 +465,30 @@ class CoVisitStage:
         """Add followers (with ``user_vectors (B, D)`` and an index), boost the candidates,
         then count each request's newest step after the steps before it (one read of the
         histories serves all three)."""
-        table = self.table
-        if table is None:
+        table, affinity = self.table, self.affinity
+        if table is None and affinity is None:
             return cands
-        table.flush()
-        cfg = table.config
-        newest = self.newest(cands.requests, max(cfg.lookback, cfg.window + 1))
+        depth = affinity.config.depth if affinity is not None else 0
+        if table is not None:
+            table.flush()
+            depth = max(depth, table.config.lookback, table.config.window + 1)
+        newest = self.newest(cands.requests, depth)
         items = self._items_of(cands.rows, cands.row_ids)
-        gains = table.user_gains(newest[:, : cfg.lookback])
-        if self.add and self.index is not None and user_vectors is not None:
-            cands, items = self._expand(table, self.index, cands, gains, items, user_vectors)
-        boost = table.boost(newest[:, : cfg.lookback], items, gains)
-        weighted = np.float32(self.weight) * boost
+        boost = None
+        if table is not None:
+            cfg = table.config
+            gains = table.user_gains(newest[:, : cfg.lookback])
+            if self.add and self.index is not None and user_vectors is not None:
+                cands, items = self._expand(table, self.index, cands, gains, items, user_vectors)
+            boost = table.boost(newest[:, : cfg.lookback], items, gains)
+            weighted = np.float32(self.weight) * boost
+            for row in newest[:, : cfg.window + 1].tolist():
+                table.observe(row[:0:-1], row[0])
+        else:
+            weighted = np.zeros(items.shape, dtype=np.float32)
+        if affinity is not None:
+            near = affinity.boost(newest[:, : affinity.config.depth], items)
+            weighted += np.float32(affinity.weight) * near
         valid = cands.valid
         retrieval = np.where(valid, cands.retrieval_scores + weighted, -np.inf).astype(np.float32)
         scores = (
@@ -465,13 +496,11 @@ class CoVisitStage:
             if cands.scores is cands.retrieval_scores
             else np.where(valid, cands.scores + weighted, -np.inf).astype(np.float32)
         )
-        for row in newest[:, : cfg.window + 1].tolist():
-            table.observe(row[:0:-1], row[0])
         return replace(
             cands,
             retrieval_scores=retrieval,
             scores=scores,
-            covisit=np.where(valid, boost, 0.0).astype(np.float32),
+            covisit=np.where(valid, boost, 0.0).astype(np.float32) if boost is not None else None,
         )
 
 
@@ -606,6 +635,8 @@ class PipelineSettings(Protocol):
     def covisit_weight(self) -> float | None: ...
     @property
     def covisit_candidates(self) -> int: ...
+    @property
+    def affinity_weight(self) -> float | None: ...
 
 
 #: Diversity weight of a scorer that has none chosen on validation (``serving.calibration``).
@@ -660,6 +691,7 @@ class Pipeline:
         diversity_source: str = "argument",
         covisit_weight: float | None = None,
         covisit_candidates: int = 10,
+        affinity_weight: float | None = None,
     ) -> None:
         """``rerank_top``: candidates per user the reranker scores (``RerankStage``); None:
         as many as the reranker was trained on (its ``trained_candidates``), else all.
@@ -667,7 +699,9 @@ class Pipeline:
         ``covisit_weight``: weight of the encoder's co-visitation table (its ``covisit``);
         None: the weight stored with it, or off with a reranker trained without the table
         (``RerankerConfig.covisit``); 0: off. ``covisit_candidates``: each user's strongest
-        followers in the table added to the retrieved candidates when retrieval missed them."""
+        followers in the table added to the retrieved candidates when retrieval missed them.
+        ``affinity_weight``: weight of the encoder's attribute affinity (its ``affinity``);
+        None: the weight stored with it; 0: off; never applied under a reranker."""
         if encoder.dim != index.dim:
             raise ValueError(
                 f"pipeline: expected encoder dim == index dim, got {encoder.dim} and {index.dim}"
@@ -700,7 +734,10 @@ class Pipeline:
         self.rerank = RerankStage(reranker or RetrievalScoreReranker(), rerank_top)
         table = served_table(getattr(encoder, "covisit", None), reranker, covisit_weight)
         vocab = getattr(encoder, "vocab", None)
-        self.covisit = CoVisitStage(table, getattr(vocab, "index", None), index, covisit_candidates)
+        affinity = served_affinity(getattr(encoder, "affinity", None), reranker, affinity_weight)
+        self.covisit = CoVisitStage(
+            table, getattr(vocab, "index", None), index, covisit_candidates, affinity
+        )
         self.order = OrderStage(
             index,
             rows,
@@ -762,6 +799,7 @@ class Pipeline:
             rerank_top=settings.rerank_candidates,
             covisit_weight=settings.covisit_weight,
             covisit_candidates=settings.covisit_candidates,
+            affinity_weight=settings.affinity_weight,
             diversity_source=source,
             **params,
         )

@@ -50,6 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from serving.affinity import Affinity
 from serving.artifacts import LoadedEncoder, load_model, save_model
 from serving.calibration import slate_weight_of, temperature_of
 from serving.configs import config_from_dict, config_to_dict
@@ -851,6 +852,7 @@ def log_candidates(
     covisit: CoVisitation | None = None,
     counted_to: Sequence[int] | None = None,
     table_index: np.ndarray | None = None,
+    affinity: Affinity | None = None,
 ) -> LoggedCandidates:
     """Run the encoder over ``(user, cut)`` prefixes and keep its top-``candidates`` items.
 
@@ -864,8 +866,14 @@ def log_candidates(
     pairs whose second item is at or after the cut (the future the case predicts, its own
     target first) are taken out of its boosts (:func:`own_future_pairs`). ``table_index``
     maps ``encoder``'s item indices to the table's when they differ (a cross-fitted encoder
-    reading the serving model's table; 0 = an item the table does not know).
+    reading the serving model's table; 0 = an item the table does not know). ``affinity``
+    (weight > 0) adds ``weight * affinity`` to the scores as the pipeline does without a
+    reranker (``serving.affinity``).
     """
+    if affinity is not None and table_index is not None:
+        raise ValueError(f"{STAGE}: expected no affinity with a table_index (cross-fitting)")
+    if affinity is not None and affinity.weight <= 0:
+        affinity = None
     if not cases:
         raise ValueError(f"{STAGE}: expected at least one (user, cut) case to log, got none")
     model = encoder.model.eval()
@@ -920,6 +928,8 @@ def log_candidates(
                 dense[:, 0] = 0.0
             boost = torch.from_numpy(np.ascontiguousarray(dense)).to(scores.device)
             scores = scores + covisit.config.weight * boost
+        if affinity is not None:
+            scores = scores + affinity.booster()(batch.items)
         scores[:, 0] = -torch.inf
         top = scores.topk(candidates, dim=1)
         out_cand[idx] = top.indices.cpu().numpy()

@@ -34,12 +34,13 @@ from typing import Any
 
 import numpy as np
 
+from serving.affinity import Affinity
 from serving.calibration import Calibration, SlateWeight, fit_temperature, store_calibration
-from serving.covisit import CoVisitation, batch_booster, sequences_before
+from serving.covisit import CoVisitation, batch_booster, sequences_before, summed_booster
 from serving.data import EncodedLog, EvalCase, LeaveOneOut
 from serving.evaluate import evaluate_split
 from serving.ordering import coverage, diversify, dpp, intra_list_diversity
-from serving.pipeline import served_table
+from serving.pipeline import served_affinity, served_table
 from serving.reranker import (
     MISS,
     EncoderLike,
@@ -276,6 +277,12 @@ def choose_weight(
     )
 
 
+def serving_affinity(encoder: EncoderLike, reranker: object | None = None) -> Affinity | None:
+    """The encoder's attribute affinity as the pipeline applies it by default
+    (:func:`serving.pipeline.served_affinity`: never under a reranker)."""
+    return served_affinity(getattr(encoder, "affinity", None), reranker)
+
+
 def serving_table(
     encoder: EncoderLike, reranker: TransformerReranker | None = None
 ) -> CoVisitation | None:
@@ -307,16 +314,22 @@ def calibrate(
     # table only when it was trained with it (otherwise the worker leaves the table off).
     seq_len = reranker.cfg.max_len if reranker is not None else 1
     at = [(c.user, c.cut) for c in cases]
-    table = serving_table(encoder)
+    table, affinity = serving_table(encoder), serving_affinity(encoder)
     logged = log_candidates(
-        encoder, log_, at, candidates=candidates, seq_len=seq_len, covisit=table
+        encoder,
+        log_,
+        at,
+        candidates=candidates,
+        seq_len=seq_len,
+        covisit=table,
+        affinity=affinity,
     )
     scored = {"retrieval": (logged, logged.retrieval)}
     if reranker is not None:
         rr_table = serving_table(encoder, reranker)
         rr_logged = (
             logged
-            if rr_table is table
+            if rr_table is table and affinity is None
             else log_candidates(
                 encoder, log_, at, candidates=candidates, seq_len=seq_len, covisit=rr_table
             )
@@ -402,7 +415,7 @@ def evaluate_slates(
     if not cases:
         raise ValueError(f"{STAGE}: expected {which} cases (users with >= 3 steps), got none")
     log_ = EncodedLog(split.data, encoder.vocab)
-    table = serving_table(encoder, reranker)
+    table, affinity = serving_table(encoder, reranker), serving_affinity(encoder, reranker)
     if table is not None:
         # Counted from every step before the held-out one, as the worker counts them.
         seqs = sequences_before(split, log_, which)
@@ -413,7 +426,10 @@ def evaluate_slates(
         log_,
         which,
         max_len=encoder.max_len,
-        boost=batch_booster(table) if table is not None else None,
+        boost=summed_booster(
+            batch_booster(table) if table is not None else None,
+            affinity.booster() if affinity is not None else None,
+        ),
     )
     logged: LoggedCandidates = log_candidates(
         encoder,
@@ -422,6 +438,7 @@ def evaluate_slates(
         candidates=candidates,
         seq_len=reranker.cfg.max_len if reranker is not None else 1,
         covisit=table,
+        affinity=affinity,
     )
     targets = np.array([log_.target(c) for c in cases], dtype=np.int64)
     vectors = encoder.model.item_table().detach().float().cpu().numpy()
@@ -435,6 +452,7 @@ def evaluate_slates(
         "covisit": {"weight": table.config.weight, "pairs": len(table), "counts": "online"}
         if table is not None
         else None,
+        "affinity": affinity.to_config() if affinity is not None else None,
         "retrieval_full": full.metrics,
         "retrieval": slate_metrics(top_k(logged.cand, logged.retrieval, k), targets, vectors, k),
     }

@@ -95,6 +95,14 @@ class Settings(BaseSettings):
         description="each user's strongest co-visitation followers added to the retrieved "
         "candidates when retrieval missed them (scored user . item like the rest); 0: none",
     )
+    affinity_weight: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="weight of the attribute affinity (brands and categories shared with the "
+        "user's newest items) in the retrieval scores; unset: the weight chosen on validation "
+        "and stored with the model; 0: off. Never applied under a reranker",
+    )
     covisit_snapshot_s: float = Field(
         60.0,
         ge=0.0,

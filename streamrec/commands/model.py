@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from serving.covisit import CoVisitFit
-    from serving.data import LeaveOneOut
+    from serving.covisit import CoVisitConfig, CoVisitFit
+    from serving.data import EncodedLog, LeaveOneOut
+    from serving.evaluate import SequenceScorer
 
 FORMAT_HELP = "s3rec | ml-100k | ml-1m | rechorus | yoochoose | events"
 
@@ -65,6 +66,8 @@ def train(
         bool,
         typer.Option(help="also count item-to-item co-visitation and fit its weight"),
     ] = True,
+    affinity: AffinityOption = True,
+    filter_seen: FilterSeenOption = False,
 ) -> None:
     """Train the sequence encoder (leave-one-out; early stop on validation NDCG@10), then
     the co-visitation table beside it and the slate calibration."""
@@ -129,9 +132,17 @@ def train(
     )
     typer.echo(f"saved {version} to {out}")
     if covisit and split.cases("valid"):
-        from serving.covisit import fit_covisit, store_covisit
+        from serving.covisit import store_covisit
 
-        fit = fit_covisit(result.model, split, log_, len(vocab.ids), max_len=max_len)
+        fit = fit_side_scores(
+            result.model,
+            split,
+            log_,
+            len(vocab.ids),
+            max_len=max_len,
+            affinity=affinity,
+            filter_seen=filter_seen,
+        )
         store_covisit(out, fit.table, fit)
         echo_covisit(fit)
     if split.cases("valid"):
@@ -159,14 +170,70 @@ def echo_covisit(fit: CoVisitFit) -> None:
     """One line: the co-visitation table and the weight validation chose."""
     tried = ", ".join(f"{w:g}: {v:.4f}" for w, v in fit.ndcg_by_weight.items())
     weight = fit.table.config.weight
+    history = "history excluded" if fit.exclude_history else "history kept"
     typer.echo(
         f"co-visitation: {len(fit.table):,} item pairs; weight {weight:g} "
         + (f"(validation NDCG@10 {fit.gain:+.1%}" if weight else "(off: no validation gain")
-        + f"; tried {tried} on {fit.users:,} users)"
+        + f"; tried {tried} on {fit.users:,} users, {history})"
     )
+    if fit.affinity is not None:
+        aff = fit.affinity.weight
+        base = fit.ndcg_by_affinity.get(0.0, 0.0)
+        gain = fit.ndcg_by_affinity[aff] / base - 1.0 if base > 0 else 0.0
+        tried = ", ".join(f"{w:g}: {v:.4f}" for w, v in fit.ndcg_by_affinity.items())
+        typer.echo(
+            f"attribute affinity: weight {aff:g} "
+            + (f"(validation NDCG@10 {gain:+.1%} over the table alone" if aff else "(off")
+            + f"; tried {tried})"
+        )
 
 
 COVISIT_MODES = ("online", "stored", "off")
+
+AffinityOption = Annotated[
+    bool,
+    typer.Option(
+        help="also weigh attribute affinity (brands and categories shared with the user's "
+        "newest items) when the model has item attributes"
+    ),
+]
+FilterSeenOption = Annotated[
+    bool,
+    typer.Option(
+        help="choose the weights for a worker that filters seen items "
+        "(STREAMREC_FILTER_SEEN=1): validation ranks without the user's history"
+    ),
+]
+
+
+def fit_side_scores(
+    model: SequenceScorer,
+    split: LeaveOneOut,
+    log_: EncodedLog,
+    n_items: int,
+    *,
+    max_len: int,
+    affinity: bool,
+    filter_seen: bool,
+    config: CoVisitConfig | None = None,
+) -> CoVisitFit:
+    """The co-visitation table and, for a model with item attributes (and ``affinity``),
+    the attribute affinity, their weights chosen together on validation."""
+    from serving.affinity import WEIGHT_GRID, Affinity, AffinityConfig
+    from serving.covisit import fit_covisit
+
+    aff = Affinity.of_model(model, AffinityConfig()) if affinity else None  # type: ignore[arg-type]
+    return fit_covisit(
+        model,
+        split,
+        log_,
+        n_items,
+        max_len=max_len,
+        config=config,
+        affinity=aff,
+        affinity_grid=WEIGHT_GRID,
+        exclude_history=filter_seen,
+    )
 
 
 def evaluate(
@@ -186,9 +253,10 @@ def evaluate(
     ] = "online",
 ) -> None:
     """Full-ranking leave-one-out HR/NDCG@{5,10,20} of a saved model on a log: the encoder
-    alone and, when the model has a co-visitation weight, the encoder with it."""
+    alone and, when the model has a co-visitation weight, the encoder with it (and with its
+    attribute affinity, when that has a weight)."""
     from serving.artifacts import ArtifactError, load_model
-    from serving.covisit import CoVisitation, batch_booster, sequences_before
+    from serving.covisit import CoVisitation, batch_booster, sequences_before, summed_booster
     from serving.data import DataError, EncodedLog, leave_one_out, load_interactions
     from serving.evaluate import evaluate_split, print_reports, write_json
 
@@ -233,6 +301,27 @@ def evaluate(
         }
         reports[f"+ co-visitation ({covisit})"] = with_table
         payload["covisit"] = with_table.to_json()
+    else:
+        table = None
+    affinity = loaded.affinity
+    if affinity is not None and affinity.weight > 0:
+        # What a worker without a reranker serves: encoder + table + affinity.
+        served = evaluate_split(
+            loaded.model,
+            loo,
+            log_,
+            split,
+            max_len=loaded.max_len,
+            exclude_history=exclude_history,
+            boost=summed_booster(
+                batch_booster(table) if table is not None else None, affinity.booster()
+            ),
+        )
+        served.extra = {**report.extra, "covisit": covisit if table is not None else "off"}
+        served.extra["affinity"] = affinity.to_config()
+        name = f"+ co-visitation ({covisit}) + affinity" if table is not None else "+ affinity"
+        reports[name] = served
+        payload["affinity"] = served.to_json()
     print_reports(reports)
     if json_out is not None:
         write_json(payload, json_out)
@@ -247,24 +336,28 @@ def covisit(
     lookback: Annotated[int, typer.Option(help="newest items of a user that boost")] = 3,
     top_k: Annotated[int, typer.Option(help="pairs kept per item")] = 200,
     device: str = "auto",
+    affinity: AffinityOption = True,
+    filter_seen: FilterSeenOption = False,
 ) -> None:
-    """Count item-to-item co-visitation on the training steps, choose its weight on the
-    validation split and store both beside the model, then refit the slate calibration
-    (`streamrec train` does all of this itself)."""
+    """Count item-to-item co-visitation on the training steps, choose its weight (and the
+    attribute affinity's) on the validation split and store both beside the model, then
+    refit the slate calibration (`streamrec train` does all of this itself)."""
     from serving.artifacts import ArtifactError, load_model
-    from serving.covisit import CoVisitConfig, fit_covisit, store_covisit
+    from serving.covisit import CoVisitConfig, store_covisit
     from serving.data import DataError, EncodedLog, leave_one_out, load_interactions
 
     try:
         loaded = load_model(model, device=device)
         loo = leave_one_out(load_interactions(data, fmt))
         config = CoVisitConfig(window=window, lookback=lookback, top_k=top_k)
-        fit = fit_covisit(
+        fit = fit_side_scores(
             loaded.model,
             loo,
             EncodedLog(loo.data, loaded.vocab),
             len(loaded.vocab),
             max_len=loaded.max_len,
+            affinity=affinity,
+            filter_seen=filter_seen,
             config=config,
         )
         store_covisit(model, fit.table, fit)

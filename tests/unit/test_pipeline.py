@@ -279,6 +279,7 @@ class FakeSettings:
     rerank_candidates: int | None = None
     covisit_weight: float | None = None
     covisit_candidates = 10
+    affinity_weight: float | None = None
 
 
 def test_from_settings(world: tuple[MeanEncoder, Catalog]) -> None:
