@@ -1,13 +1,16 @@
 """Per-stage cost of ``Pipeline.recommend`` on the stream benchmark's batch shape, no Kafka.
 
-    python bench/pipeline_stages.py [--batch 256] [--items 2000] [--reps 30] [--json OUT]
+    python bench/pipeline_stages.py [--batch 256] [--items 2000] [--reps 30] [--affinity]
+        [--json OUT]
 
 The batch is what a worker sees in ``streamrec bench stream``: a generated shop (2,000 items
 in 12 categories, all in the catalog), 256 users with up to 50 steps of history, 200
 candidates, a slate of 10, diversity 0.2, one fresh (text-embedded) item. The encoder is a
 mean of item vectors (the real encoder's cost is the encoder benchmark's business), so the
-figures are retrieve, filter, rerank and order. Medians over ``--reps`` calls after a warm-up,
-with faiss and numpy on one thread as in the worker's model thread on 2 cores.
+figures are retrieve, filter, rerank and order. ``--affinity`` gives the encoder the shop's
+categories as item attributes and an attribute affinity at weight 2 (``serving.affinity``),
+which the covisit stage then applies. Medians over ``--reps`` calls after a warm-up, with
+faiss and numpy on one thread as in the worker's model thread on 2 cores.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.index_bench import MeanEncoder
+from serving.affinity import Affinity, AffinityConfig
 from serving.catalog import Catalog, ItemMeta
+from serving.data import ItemVocab
 from serving.pipeline import FreshItems, Pipeline, SlateRequest
 from serving.synthetic import make_shop
 from serving.types import Step
@@ -36,7 +41,20 @@ from serving.types import Step
 D = 64
 
 
-def build(batch: int, n_items: int, seed: int = 3) -> tuple[Pipeline, list[SlateRequest], dict]:
+class AttributeEncoder(MeanEncoder):
+    """The mean encoder with a vocabulary and the shop's categories as attribute affinity."""
+
+    def __init__(self, ids: list[str], vectors: np.ndarray, cats: list[int]) -> None:
+        super().__init__(ids, vectors)
+        self.vocab = ItemVocab(ids)
+        attrs = np.zeros((len(ids) + 1, 1), dtype=np.int64)
+        attrs[1:, 0] = np.asarray(cats) + 1
+        self.affinity = Affinity(attrs, AffinityConfig(weight=2.0))
+
+
+def build(
+    batch: int, n_items: int, seed: int = 3, affinity: bool = False
+) -> tuple[Pipeline, list[SlateRequest], dict]:
     """A pipeline over a generated shop and one batch of requests; ``stages`` collects times."""
     shop = make_shop(n_items=n_items, n_users=max(batch, 1500), events_per_user=20, seed=seed)
     rng = np.random.default_rng(seed)
@@ -51,8 +69,10 @@ def build(batch: int, n_items: int, seed: int = 3) -> tuple[Pipeline, list[Slate
         catalog.upsert(item["item_id"], ItemMeta(categories=tuple(item["categories"])))
     stages: dict[str, list[float]] = defaultdict(list)
     fresh = FreshItems(D)
+    cats = [cat_of[i["categories"][0]] for i in shop.items]
+    encoder = AttributeEncoder(ids, vecs, cats) if affinity else MeanEncoder(ids, vecs)
     pipe = Pipeline.from_encoder(
-        MeanEncoder(ids, vecs),
+        encoder,
         catalog,
         candidates=200,
         slate_size=10,
@@ -73,8 +93,8 @@ def build(batch: int, n_items: int, seed: int = 3) -> tuple[Pipeline, list[Slate
     return pipe, requests, stages
 
 
-def run(batch: int, n_items: int, reps: int) -> dict[str, Any]:
-    pipe, requests, stages = build(batch, n_items)
+def run(batch: int, n_items: int, reps: int, affinity: bool = False) -> dict[str, Any]:
+    pipe, requests, stages = build(batch, n_items, affinity=affinity)
     pipe.recommend(requests)  # warm-up
     stages.clear()
     total = []
@@ -86,6 +106,7 @@ def run(batch: int, n_items: int, reps: int) -> dict[str, Any]:
         "batch": batch,
         "items": n_items,
         "reps": reps,
+        "affinity": affinity,
         "total_ms": float(np.median(total) * 1e3),
         "stages_ms": {k: round(float(np.median(v) * 1e3), 3) for k, v in stages.items()},
     }
@@ -97,10 +118,11 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=2000)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--affinity", action="store_true", help="apply attribute affinity")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     faiss.omp_set_num_threads(args.threads)
-    res = run(args.batch, args.items, args.reps)
+    res = run(args.batch, args.items, args.reps, args.affinity)
     print(json.dumps(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))

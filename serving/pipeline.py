@@ -400,10 +400,18 @@ class CoVisitStage:
         for an item the table does not know)."""
         out = np.zeros((len(requests), depth), dtype=np.int64)
         get = self.vocab.get
+        if not depth:
+            return out
         for b, req in enumerate(requests):
-            items = step_items(req.history)
-            for j in range(min(depth, len(items))):
-                out[b, j] = get(items[-1 - j], 0)
+            hist = req.history
+            # Only the tail is read: a plain step sequence is not copied whole.
+            tail = (
+                hist.items[-depth:]
+                if isinstance(hist, History)
+                else [s.item for s in hist[-depth:]]
+            )
+            for j, item in enumerate(reversed(tail)):
+                out[b, j] = get(item, 0)
         return out
 
     def _expand(

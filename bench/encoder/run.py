@@ -27,8 +27,16 @@ from rich.console import Console
 
 from bench.encoder.sasrec import SASRec, SASRecConfig, bce_one_negative
 from bench.encoder.speed import measure
+from serving.affinity import WEIGHT_GRID as AFFINITY_GRID
+from serving.affinity import Affinity, AffinityConfig
 from serving.artifacts import load_model, save_model
-from serving.covisit import CoVisitation, batch_booster, fit_covisit, sequences_before
+from serving.covisit import (
+    CoVisitation,
+    batch_booster,
+    fit_covisit,
+    sequences_before,
+    summed_booster,
+)
 from serving.data import (
     EncodedLog,
     ItemVocab,
@@ -95,10 +103,12 @@ def _covisit_rows(
     log_: EncodedLog,
     max_len: int,
     reports: dict[str, EvalReport],
+    affinity: Affinity | None = None,
 ) -> dict[str, object]:
     """Test rows of ``model`` + co-visitation at the table's validation-chosen weight, with the
     counts of the training steps ('stored') and of every step before the test one ('online',
-    what the worker holds); adds them to ``reports``."""
+    what the worker holds); with ``affinity`` (weight > 0) also online table + affinity, what
+    a worker without a reranker serves. Adds them to ``reports``."""
     online = CoVisitation.build(
         sequences_before(split, log_, "test"), table.num_items, table.config
     )
@@ -117,6 +127,23 @@ def _covisit_rows(
             )
             reports[label] = rep
             out[f"test_{mode}{'_history_excluded' if excl else ''}"] = rep.to_json()
+    if affinity is not None and affinity.weight > 0:
+        out["affinity"] = affinity.to_config()
+        for excl in (False, True):
+            label = (
+                f"{name} + co-visitation + affinity (online{', history excluded' if excl else ''})"
+            )
+            rep = evaluate_split(
+                model,  # type: ignore[arg-type]
+                split,
+                log_,
+                "test",
+                max_len=max_len,
+                exclude_history=excl,
+                boost=summed_booster(batch_booster(online), affinity.booster()),
+            )
+            reports[label] = rep
+            out[f"test_online_affinity{'_history_excluded' if excl else ''}"] = rep.to_json()
     return out
 
 
@@ -168,6 +195,13 @@ def main(
         bool,
         typer.Option(help="also score both models with item-to-item co-visitation"),
     ] = True,
+    filter_seen: Annotated[
+        bool,
+        typer.Option(
+            help="fit the co-visitation and affinity weights with history excluded (a model "
+            "given with --ours-model keeps the protocol it was fitted with)"
+        ),
+    ] = False,
     progress: bool = True,
 ) -> None:
     if dataset not in DATASETS:
@@ -249,11 +283,33 @@ def main(
             "reused_from": str(ours_model) if ours_model else None,
         },
     }
+    # Attribute affinity, built from our model's attribute table; the peer is given the same.
+    aff_base = Affinity.of_model(ours.model, AffinityConfig())
+    ours_aff: Affinity | None = None
     if covisit and split.cases("valid"):
-        stored = load_model(ours_model, device=device).covisit if ours_model else None
-        table = stored or fit_covisit(ours.model, split, log_, len(vocab), max_len=max_len).table
+        stored = load_model(ours_model, device=device) if ours_model else None
+        if stored is not None and stored.covisit is not None:
+            table, ours_aff = stored.covisit, stored.affinity
+            fitted = stored.config.get("covisit_fit")
+            history = fitted.get("validation_history") if isinstance(fitted, dict) else None
+            filter_seen = history == "excluded"
+        else:
+            side = fit_covisit(
+                ours.model,
+                split,
+                log_,
+                len(vocab),
+                max_len=max_len,
+                affinity=aff_base,
+                affinity_grid=AFFINITY_GRID,
+                exclude_history=filter_seen,
+            )
+            table, ours_aff = side.table, side.affinity
         payload["ours_covisit"] = _covisit_rows(
-            "ours", ours.model, table, split, log_, max_len, reports
+            "ours", ours.model, table, split, log_, max_len, reports, ours_aff
+        )
+        payload["ours_covisit"]["validation_history"] = (  # type: ignore[index]
+            "excluded" if filter_seen else "kept"
         )
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = model_out or Path(tmp) / "model"
@@ -308,15 +364,43 @@ def main(
             "train_seconds": peer_seconds,
         }
         if "ours_covisit" in payload:
-            peer_table = fit_covisit(peer, split, log_, len(vocab), max_len=max_len).table
+            # The peer gets the same side scores, fitted the same way on its own scores.
+            with_aff = ours_aff is not None and ours_aff.weight > 0
+            peer_fit = fit_covisit(
+                peer,
+                split,
+                log_,
+                len(vocab),
+                max_len=max_len,
+                affinity=aff_base if with_aff else None,
+                affinity_grid=AFFINITY_GRID if with_aff else (),
+                exclude_history=filter_seen,
+            )
             payload["peer_covisit"] = _covisit_rows(
-                "SASRec (peer)", peer, peer_table, split, log_, max_len, reports
+                "SASRec (peer)",
+                peer,
+                peer_fit.table,
+                split,
+                log_,
+                max_len,
+                reports,
+                peer_fit.affinity,
             )
             for proto, key in (("", "ratio"), (", history excluded", "ratio_history_excluded")):
+                peer_alone = reports[f"SASRec (peer{', history excluded' if proto else ''})"]
                 payload["ours_covisit"][key] = _ratios(  # type: ignore[index]
-                    reports[f"ours + co-visitation (online{proto})"].metrics,
-                    reports[f"SASRec (peer{', history excluded' if proto else ''})"].metrics,
+                    reports[f"ours + co-visitation (online{proto})"].metrics, peer_alone.metrics
                 )
+                ours_served = f"ours + co-visitation + affinity (online{proto})"
+                if ours_served in reports:
+                    payload["ours_covisit"][f"{key}_with_affinity"] = _ratios(  # type: ignore[index]
+                        reports[ours_served].metrics, peer_alone.metrics
+                    )
+                    peer_served = f"SASRec (peer) + co-visitation + affinity (online{proto})"
+                    if peer_served in reports:
+                        payload["ours_covisit"][f"{key}_same_side_scores"] = _ratios(  # type: ignore[index]
+                            reports[ours_served].metrics, reports[peer_served].metrics
+                        )
         payload["ratio_ours_over_peer"] = _ratios(reports["ours"].metrics, peer_metrics)
         payload["ratio_ours_over_peer_history_excluded"] = _ratios(
             reports["ours (history excluded)"].metrics, peer_excl
