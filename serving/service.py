@@ -102,19 +102,30 @@ class Recommender:
             fresh_slots=self.settings.fresh_slots,
             reranker=self.reranker,
         )
+        affinity = pipeline.covisit.affinity
         log.info(
-            "slate ordering %s, diversity %g (%s); co-visitation %s; %s",
+            "slate ordering %s, diversity %g (%s); co-visitation %s; attribute affinity %s; %s",
             self.settings.ordering,
             pipeline.order.diversity,
             pipeline.diversity_source,
             f"weight {pipeline.covisit.weight:g}, {len(pipeline.covisit.table):,} pairs"
             if pipeline.covisit.table is not None
             else "off",
+            f"weight {affinity.weight:g}" if affinity is not None else "off",
             "no reranker"
             if self.reranker is None
             else f"reranker {getattr(self.reranker, 'version', '?')} scores the top "
             f"{pipeline.rerank.top or self.settings.candidates} candidates",
         )
+        fitted = getattr(encoder, "config", {}).get("covisit_fit")
+        history = fitted.get("validation_history") if isinstance(fitted, dict) else None
+        if history == "excluded" and not self.settings.filter_seen:
+            log.warning(
+                "the co-visitation and affinity weights of %s were chosen for a worker that "
+                "filters seen items (streamrec train --filter-seen); this one keeps them: set "
+                "STREAMREC_FILTER_SEEN=1",
+                encoder.version,
+            )
         self._restore_covisit(pipeline)
         # Items the catalog already retired or marked unavailable stay out of the new index.
         blocked = [i for i in encoder.item_ids() if not self.catalog.is_available([i])[0]]

@@ -232,3 +232,24 @@ def test_covisit_counts_are_saved_every_snapshot_interval(tmp_path: Any) -> None
         Recommender(TableEncoder(f"tiny-{k}"), settings).save_covisit(wait=True)  # type: ignore[arg-type]
     kept = sorted(d.name for d in (tmp_path / "covisit").iterdir())
     assert kept == ["tiny-1", "tiny-2", "tiny-3"]
+
+
+def test_start_up_names_affinity_and_warns_when_the_weights_assume_a_seen_filter(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from serving.affinity import Affinity, AffinityConfig
+
+    encoder = TableEncoder()
+    attrs = np.zeros((len(encoder._ids) + 1, 1), dtype=np.int64)
+    attrs[1:, 0] = 1 + np.arange(len(encoder._ids)) % 2
+    encoder.affinity = Affinity(attrs, AffinityConfig(weight=2.0))  # type: ignore[attr-defined]
+    encoder.config = {"covisit_fit": {"validation_history": "excluded"}}  # type: ignore[attr-defined]
+    with caplog.at_level("INFO", logger="streamrec.service"):
+        Recommender(encoder, Settings(slate_size=3, candidates=6))  # type: ignore[arg-type]
+    assert "attribute affinity weight 2" in caplog.text
+    assert "STREAMREC_FILTER_SEEN=1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="streamrec.service"):
+        Recommender(encoder, Settings(slate_size=3, candidates=6, filter_seen=True))  # type: ignore[arg-type]
+    assert "attribute affinity weight 2" in caplog.text
+    assert "STREAMREC_FILTER_SEEN=1" not in caplog.text
