@@ -35,7 +35,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from serving.data import EncodedLog, LeaveOneOut
-from serving.evaluate import Booster, SequenceScorer, metrics_from_ranks, rank_targets_grid
+from serving.evaluate import (
+    Booster,
+    SequenceScorer,
+    case_inputs,
+    metrics_from_ranks,
+    rank_targets_grid,
+)
 
 if TYPE_CHECKING:
     from serving.affinity import Affinity
@@ -480,8 +486,7 @@ def fit_covisit(
     if affinity is not None:
         boosts.append(affinity.booster(1.0))
     combos = [(t, a) for t in table_weights for a in aff_weights]
-    inputs = [log.prefix(c.user, c.cut, max_len) for c in cases]
-    targets = np.fromiter((log.target(c) for c in cases), dtype=np.int64, count=len(cases))
+    _, inputs, targets = case_inputs(split, log, "valid", max_len)
     ranks = rank_targets_grid(
         model,
         inputs,

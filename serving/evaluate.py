@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from serving.data import EncodedLog, Features, LeaveOneOut
+from serving.data import EncodedLog, EvalCase, Features, LeaveOneOut
 from serving.encoder import Batch, collate
 
 STAGE = "evaluate"
@@ -158,6 +158,17 @@ def rank_targets_grid(
     return ranks
 
 
+def case_inputs(
+    split: LeaveOneOut, log: EncodedLog, which: str, max_len: int
+) -> tuple[Sequence[EvalCase], list[Features], np.ndarray]:
+    """The ``which`` split's cases, each one's input (its newest ``max_len`` steps before the
+    held-out one) and ``(U,) int64`` targets (model indices, 0 = unknown)."""
+    cases = split.cases(which)
+    inputs = [log.prefix(c.user, c.cut, max_len) for c in cases]
+    targets = np.fromiter((log.target(c) for c in cases), dtype=np.int64, count=len(cases))
+    return cases, inputs, targets
+
+
 def evaluate_split(
     model: SequenceScorer,
     split: LeaveOneOut,
@@ -171,9 +182,7 @@ def evaluate_split(
 ) -> EvalReport:
     """Full-ranking HR/NDCG@{5,10,20} on the ``which`` ('valid' or 'test') leave-one-out cases."""
     started = time.perf_counter()
-    cases = split.cases(which)
-    inputs = [log.prefix(c.user, c.cut, max_len) for c in cases]
-    targets = np.fromiter((log.target(c) for c in cases), dtype=np.int64, count=len(cases))
+    cases, inputs, targets = case_inputs(split, log, which, max_len)
     ranks = rank_targets(
         model,
         inputs,

@@ -113,26 +113,17 @@ def _covisit_rows(
         sequences_before(split, log_, "test"), table.num_items, table.config
     )
     out: dict[str, object] = {"weight": table.config.weight, "pairs": len(table)}
-    for mode, counts in (("stored", table), ("online", online)):
-        for excl in (False, True):
-            label = f"{name} + co-visitation ({mode}{', history excluded' if excl else ''})"
-            rep = evaluate_split(
-                model,  # type: ignore[arg-type]
-                split,
-                log_,
-                "test",
-                max_len=max_len,
-                exclude_history=excl,
-                boost=batch_booster(counts),
-            )
-            reports[label] = rep
-            out[f"test_{mode}{'_history_excluded' if excl else ''}"] = rep.to_json()
+    rows = [
+        ("co-visitation (stored", "test_stored", batch_booster(table)),
+        ("co-visitation (online", "test_online", batch_booster(online)),
+    ]
     if affinity is not None and affinity.weight > 0:
         out["affinity"] = affinity.to_config()
+        both = summed_booster(batch_booster(online), affinity.booster())
+        rows.append(("co-visitation + affinity (online", "test_online_affinity", both))
+    for what, key, boost in rows:
         for excl in (False, True):
-            label = (
-                f"{name} + co-visitation + affinity (online{', history excluded' if excl else ''})"
-            )
+            label = f"{name} + {what}{', history excluded' if excl else ''})"
             rep = evaluate_split(
                 model,  # type: ignore[arg-type]
                 split,
@@ -140,10 +131,10 @@ def _covisit_rows(
                 "test",
                 max_len=max_len,
                 exclude_history=excl,
-                boost=summed_booster(batch_booster(online), affinity.booster()),
+                boost=boost,
             )
             reports[label] = rep
-            out[f"test_online_affinity{'_history_excluded' if excl else ''}"] = rep.to_json()
+            out[f"{key}{'_history_excluded' if excl else ''}"] = rep.to_json()
     return out
 
 

@@ -258,7 +258,7 @@ def evaluate(
     from serving.artifacts import ArtifactError, load_model
     from serving.covisit import CoVisitation, batch_booster, sequences_before, summed_booster
     from serving.data import DataError, EncodedLog, leave_one_out, load_interactions
-    from serving.evaluate import evaluate_split, print_reports, write_json
+    from serving.evaluate import Booster, EvalReport, evaluate_split, print_reports, write_json
 
     if split not in ("test", "valid"):
         raise _fail(f"evaluate: expected --split test or valid, got {split!r}")
@@ -273,9 +273,19 @@ def evaluate(
     if not loo.cases(split):
         raise _fail(f"evaluate: expected users with >= 3 interactions in {data}, found none")
     log_ = EncodedLog(interactions, loaded.vocab)
-    report = evaluate_split(
-        loaded.model, loo, log_, split, max_len=loaded.max_len, exclude_history=exclude_history
-    )
+
+    def scored(boost: Booster | None = None) -> EvalReport:
+        return evaluate_split(
+            loaded.model,
+            loo,
+            log_,
+            split,
+            max_len=loaded.max_len,
+            exclude_history=exclude_history,
+            boost=boost,
+        )
+
+    report = scored()
     report.extra = {"model_version": loaded.version, "data": str(data), "format": fmt}
     reports = {loaded.version: report}
     table = loaded.covisit
@@ -284,15 +294,7 @@ def evaluate(
         if covisit == "online":
             seqs = sequences_before(loo, log_, split)
             table = CoVisitation.build(seqs, len(loaded.vocab), table.config)
-        with_table = evaluate_split(
-            loaded.model,
-            loo,
-            log_,
-            split,
-            max_len=loaded.max_len,
-            exclude_history=exclude_history,
-            boost=batch_booster(table),
-        )
+        with_table = scored(batch_booster(table))
         with_table.extra = {
             **report.extra,
             "covisit": covisit,
@@ -306,17 +308,9 @@ def evaluate(
     affinity = loaded.affinity
     if affinity is not None and affinity.weight > 0:
         # What a worker without a reranker serves: encoder + table + affinity.
-        served = evaluate_split(
-            loaded.model,
-            loo,
-            log_,
-            split,
-            max_len=loaded.max_len,
-            exclude_history=exclude_history,
-            boost=summed_booster(
-                batch_booster(table) if table is not None else None, affinity.booster()
-            ),
-        )
+        on_table = batch_booster(table) if table is not None else None
+        both = summed_booster(on_table, affinity.booster())
+        served = scored(both)
         served.extra = {**report.extra, "covisit": covisit if table is not None else "off"}
         served.extra["affinity"] = affinity.to_config()
         name = f"+ co-visitation ({covisit}) + affinity" if table is not None else "+ affinity"
