@@ -239,7 +239,10 @@ class SequenceEncoder(nn.Module):
                 f"{STAGE}: expected sequences of at most max_len={self.cfg.max_len}, "
                 f"got {items.shape[1]}"
             )
-        x = F.embedding(items, self.item_table()) + self.pos_emb(self._positions(items, offset))
+        # Training embeds from the whole table (the loss builds it anyway); inference only
+        # the batch's rows: the same values without the catalogue-wide attribute sum.
+        vecs = F.embedding(items, self.item_table()) if self.training else self.item_rows(items)
+        x = vecs + self.pos_emb(self._positions(items, offset))
         if self.type_emb is not None:
             x = x + self.type_emb(batch.types)
         if self.gap_emb is not None:
@@ -311,6 +314,16 @@ class SequenceEncoder(nn.Module):
             )
         attrs: torch.Tensor = self.item_attrs  # type: ignore[assignment]
         attrs.copy_(torch.from_numpy(table))
+
+    def item_rows(self, items: torch.Tensor) -> torch.Tensor:
+        """``item_table()[items]`` for int64 ``items`` of any shape, computing only those
+        rows (ID embedding + mean attribute embedding)."""
+        vecs = self.item_emb(items)
+        if self.attr_emb is None:
+            return vecs
+        attrs = self.item_attrs[items]  # type: ignore[index]
+        count = (attrs > 0).sum(dim=-1, keepdim=True).clamp(min=1)
+        return vecs + self.attr_emb(attrs).sum(dim=-2) / count
 
     def item_table(self) -> torch.Tensor:
         """``(N + 1, D)`` float32 item vectors (ID embedding + mean attribute embedding);

@@ -135,3 +135,15 @@ def test_attribute_names_artifact_errors(tmp_path: Path) -> None:
     (tmp_path / "m" / "attributes.json").write_text('["x"]')
     with pytest.raises(ArtifactError, match="expected 2 attribute names in"):
         load_model(tmp_path / "m")
+
+
+def test_item_rows_equal_the_table_rows() -> None:
+    """Inference embeds only the batch's rows; they must be the table's, bit for bit."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(num_items=5, dim=8, heads=1, num_attrs=3, max_attrs=2)
+    model = SequenceEncoder(cfg).eval()
+    model.set_attributes(np.array([[0, 0], [1, 2], [3, 0], [0, 0], [2, 3], [1, 0]]))
+    items = torch.tensor([[0, 1, 2, 3], [5, 4, 4, 0]])
+    torch.testing.assert_close(model.item_rows(items), model.item_table()[items], rtol=0, atol=0)
+    plain = SequenceEncoder(EncoderConfig(num_items=5, dim=8, heads=1)).eval()
+    torch.testing.assert_close(plain.item_rows(items), plain.item_table()[items], rtol=0, atol=0)
