@@ -20,6 +20,7 @@ candidates' categories itself, so the worker leaves affinity off under one.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
@@ -93,9 +94,7 @@ class Affinity:
 
     def with_weight(self, weight: float) -> Affinity:
         """The same attributes read with another weight."""
-        out = Affinity.__new__(Affinity)
-        out.attrs, out.values = self.attrs, self.values
-        out.num_items, out.num_attrs = self.num_items, self.num_attrs
+        out = copy.copy(self)  # shares the arrays, which are never changed in place
         out.config = replace(self.config, weight=weight)
         return out
 

@@ -440,6 +440,15 @@ class CoVisitFit:
         best = self.ndcg_by_weight[self.table.config.weight]
         return best / base - 1.0 if base > 0 else 0.0
 
+    @property
+    def affinity_gain(self) -> float:
+        """Validation NDCG@10 gain of the chosen affinity weight over none (at the chosen
+        table weight); 0 without affinity."""
+        if self.affinity is None:
+            return 0.0
+        base = self.ndcg_by_affinity.get(0.0, 0.0)
+        return self.ndcg_by_affinity[self.affinity.weight] / base - 1.0 if base > 0 else 0.0
+
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
             "weight": self.table.config.weight,

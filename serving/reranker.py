@@ -872,8 +872,7 @@ def log_candidates(
     """
     if affinity is not None and table_index is not None:
         raise ValueError(f"{STAGE}: expected no affinity with a table_index (cross-fitting)")
-    if affinity is not None and affinity.weight <= 0:
-        affinity = None
+    near = affinity.booster() if affinity is not None and affinity.weight > 0 else None
     if not cases:
         raise ValueError(f"{STAGE}: expected at least one (user, cut) case to log, got none")
     model = encoder.model.eval()
@@ -928,8 +927,8 @@ def log_candidates(
                 dense[:, 0] = 0.0
             boost = torch.from_numpy(np.ascontiguousarray(dense)).to(scores.device)
             scores = scores + covisit.config.weight * boost
-        if affinity is not None:
-            scores = scores + affinity.booster()(batch.items)
+        if near is not None:
+            scores = scores + near(batch.items)
         scores[:, 0] = -torch.inf
         top = scores.topk(candidates, dim=1)
         out_cand[idx] = top.indices.cpu().numpy()

@@ -178,12 +178,14 @@ def echo_covisit(fit: CoVisitFit) -> None:
     )
     if fit.affinity is not None:
         aff = fit.affinity.weight
-        base = fit.ndcg_by_affinity.get(0.0, 0.0)
-        gain = fit.ndcg_by_affinity[aff] / base - 1.0 if base > 0 else 0.0
         tried = ", ".join(f"{w:g}: {v:.4f}" for w, v in fit.ndcg_by_affinity.items())
         typer.echo(
             f"attribute affinity: weight {aff:g} "
-            + (f"(validation NDCG@10 {gain:+.1%} over the table alone" if aff else "(off")
+            + (
+                f"(validation NDCG@10 {fit.affinity_gain:+.1%} over the table alone"
+                if aff
+                else "(off"
+            )
             + f"; tried {tried})"
         )
 

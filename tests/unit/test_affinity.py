@@ -170,6 +170,9 @@ def test_fit_chooses_affinity_where_brands_predict() -> None:
     assert fit.affinity is not None
     assert fit.affinity.weight > 0
     assert fit.ndcg_by_affinity[fit.affinity.weight] > fit.ndcg_by_affinity[0.0]
+    assert fit.affinity_gain == pytest.approx(
+        fit.ndcg_by_affinity[fit.affinity.weight] / fit.ndcg_by_affinity[0.0] - 1.0
+    )
     assert fit.to_dict()["affinity_weight"] == fit.affinity.weight
     # The pair chosen is the best of the whole grid, and excluded history is recorded.
     excl = fit_covisit(
