@@ -1,24 +1,28 @@
 """Temperature scaling of a scorer's logits over its candidates (Guo et al., ICML 2017).
 
-The slate ordering ``"dcg"`` (``serving.ordering.xmmr``) reads ``exp((s_i - s_max) / T)`` as the
-probability of candidate i relative to the best one, so its trade-off weight means the same for
-every scorer only if that ratio is calibrated. Both the encoder and the reranker are trained
-with a softmax, but over different sets (the whole catalogue; the retrieved candidates) and
-with dropout, and they come out with different sharpness: on Beauty's validation split the
+The slate orderings ``"expected"`` and ``"dcg"`` (``serving.ordering``) read ``softmax(s / T)``
+as the probability of each candidate (``"dcg"``: ``exp((s_i - s_max) / T)``, its ratio to the
+best one), so their trade-off weight means the same for every scorer, and for every user, only
+if those probabilities are calibrated. Both the encoder and the reranker are trained with a
+softmax, but over different sets (the whole catalogue; the retrieved candidates) and with
+dropout, and they come out with different sharpness: on Beauty's validation split the
 temperature that fits best is 2.0 for the encoder's top-100 and 1.4 for the reranker's.
 
 ``fit_temperature`` minimises the mean negative log-likelihood of the true next item among the
-candidates (cases whose target was retrieved) over ``log T``, by golden-section search (the
-NLL is convex in ``1 / T``). The result is stored beside each artifact as serving metadata
+candidates (cases whose target was retrieved) over ``log T``, by golden-section search (the NLL
+is convex in ``1 / T``). The result is stored beside each artifact as serving metadata
 (``"calibration"`` in ``config.json`` / ``reranker.json``); it does not change the weights or
 the version id. A missing entry means ``T = 1``.
 
-Beside it, ``"slate"`` records the diversity weight chosen for that scorer on the same
-validation cases (``serving.slate_eval.calibrate``: the largest weight of a grid whose NDCG@10
-loss against pure relevance is within 2%). How much diversity costs depends on the catalogue
-(on Beauty with the reranker 0.15 costs 1.9% NDCG@10; on the demo's session-style shop without
-one it costs 10%), so the worker reads the weight from the model unless
-``STREAMREC_DIVERSITY`` is set. A missing entry means the settings' fallback.
+Beside it, ``"slate"`` records the diversity weight chosen for that scorer and the default
+ordering on the same validation cases (``serving.slate_eval.calibrate``: the weight of a grid
+with the most ILD@10 whose NDCG@10 loss against pure relevance is within 2% by one standard
+error; both fitted on the
+candidates left after the seen filter when the model's side scores were fitted for it). How much
+diversity costs depends on the catalogue (with ``"dcg"``, 0.15 cost 1.9% NDCG@10 on Beauty with
+the reranker and 10% on the demo's session-style shop without one), so the worker reads the
+weight from the model unless ``STREAMREC_DIVERSITY`` is set. A missing entry means the
+ordering's default.
 """
 
 from __future__ import annotations
@@ -127,6 +131,8 @@ class SlateWeight:
     users: int  # validation cases the curve was measured on
     k: int = 10
     split: str = "valid"
+    seen_filtered: bool = False  # chosen with the user's history items dropped, as served
+    margin_se: float = 0.0  # standard errors of the NDCG@k change kept inside max_loss
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}

@@ -110,7 +110,7 @@ class SlateSetup:
     candidates: int = 200
     diversity: float = 0.0
     filter_seen: bool = True
-    ordering: str = "dcg"
+    ordering: str = "expected"
     rerank_candidates: int | None = None
     covisit_weight: float | None = None
     covisit_candidates: int = 10

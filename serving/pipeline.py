@@ -38,7 +38,7 @@ from serving.catalog import Catalog, CatalogRows
 from serving.covisit import CoVisitation
 from serving.encoder import serving_window
 from serving.index import ItemIndex
-from serving.ordering import diversify
+from serving.ordering import ORDERINGS, diversify, log_partition_of
 from serving.types import CachingUserEncoder, History, Step, UserEncoder, step_items
 
 StageCallback = Callable[[str, float], None]
@@ -512,10 +512,6 @@ class CoVisitStage:
         )
 
 
-#: Diversity orderings of the order stage (``serving.ordering``).
-ORDERINGS: tuple[str, ...] = ("dcg", "mmr")
-
-
 class OrderStage:
     name: ClassVar[str] = "order"
 
@@ -528,12 +524,14 @@ class OrderStage:
         diversity: float,
         category_weight: float = 0.5,
         pool: int = 50,
-        ordering: str = "dcg",
+        ordering: str = "expected",
         temperature: float = 1.0,
     ) -> None:
-        """pool: MMR considers only the ``pool`` best-scored candidates (>= slate_size).
-        ordering: ``"dcg"`` (expected-gain MMR, ``serving.ordering.xmmr``) or ``"mmr"``;
-        temperature: the calibrated temperature of the scores it orders (``"dcg"`` only)."""
+        """pool: the ordering considers only the ``pool`` best-scored candidates (>= slate_size).
+        ordering: ``"expected"`` (expected NDCG + ILD, ``serving.ordering.expected``),
+        ``"dcg"`` (expected-gain MMR, ``serving.ordering.xmmr``) or ``"mmr"``;
+        temperature: the calibrated temperature of the scores it orders (not read by ``"mmr"``).
+        ``"expected"`` reads each user's probabilities over all its candidates, not the pool."""
         if ordering not in ORDERINGS:
             raise ValueError(f"pipeline: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
         self.pool, self.ordering, self.temperature = pool, ordering, temperature
@@ -558,6 +556,11 @@ class OrderStage:
         rel = np.take_along_axis(cands.scores, top, axis=1)
         vectors = self.index.vectors_of_rows(rows)
         cats = self.catalog_rows.categories_of(rows) if self.catalog_rows is not None else None
+        log_z = (
+            log_partition_of(np.where(cands.valid, cands.scores, -np.inf), self.temperature)
+            if self.ordering == "expected"
+            else None
+        )
         picks = diversify(
             self.ordering,
             rel,
@@ -567,6 +570,7 @@ class OrderStage:
             categories=cats,
             category_weight=self.category_weight,
             temperature=self.temperature,
+            log_partition=log_z,
         )
         positions = np.where(picks >= 0, np.take_along_axis(top, np.maximum(picks, 0), 1), -1)
         return Ordered(cands, positions.astype(np.int64))
@@ -647,21 +651,40 @@ class PipelineSettings(Protocol):
     def affinity_weight(self) -> float | None: ...
 
 
-#: Diversity weight of a scorer that has none chosen on validation (``serving.calibration``).
-DEFAULT_DIVERSITY = 0.15
+#: Diversity weight per ordering for a scorer that has none chosen on validation
+#: (``serving.calibration``). The orderings' weights are on different scales: "expected" reads
+#: probabilities (Beauty and ML-100K choose 0.008-0.01), "dcg" ratios to the best candidate.
+DEFAULT_DIVERSITY: dict[str, float] = {"expected": 0.005, "dcg": 0.15, "mmr": 0.15}
+
+
+def _stored_ordering(scorer: object) -> str | None:
+    """The ordering the scorer's stored diversity weight was chosen for, if any."""
+    entry = getattr(scorer, "slate", None)
+    if entry is None:
+        config = getattr(scorer, "config", None)
+        entry = config.get("slate") if isinstance(config, dict) else None
+    return entry.get("ordering") if isinstance(entry, dict) else None
 
 
 def resolve_diversity(setting: float | None, ordering: str, scorer: object) -> tuple[float, str]:
     """The slate's diversity weight and where it came from: ``setting`` when given, else the
     weight chosen on validation for ``ordering`` and stored with ``scorer`` (its
-    ``slate_weight(ordering)``), else :data:`DEFAULT_DIVERSITY`."""
+    ``slate_weight(ordering)``), else the ordering's :data:`DEFAULT_DIVERSITY`."""
+    if ordering not in ORDERINGS:
+        raise ValueError(f"pipeline: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
     if setting is not None:
         return setting, "settings"
     stored = getattr(scorer, "slate_weight", None)
     weight = stored(ordering) if callable(stored) else None
     if weight is not None:
         return float(weight), f"chosen on validation for {getattr(scorer, 'version', 'the model')}"
-    return DEFAULT_DIVERSITY, "default"
+    other = _stored_ordering(scorer)
+    if other is not None and other != ordering:
+        return DEFAULT_DIVERSITY[ordering], (
+            f"default; the model's weight was chosen for ordering {other!r}: "
+            f"`streamrec calibrate` chooses one for {ordering!r}"
+        )
+    return DEFAULT_DIVERSITY[ordering], "default"
 
 
 class Pipeline:
@@ -684,7 +707,7 @@ class Pipeline:
         *,
         candidates: int = 200,
         slate_size: int = 10,
-        diversity: float = 0.15,
+        diversity: float | None = None,
         filter_seen: bool = False,
         exclude_trigger: bool = True,
         category_weight: float = 0.5,
@@ -692,7 +715,7 @@ class Pipeline:
         fallback_vector: np.ndarray | None = None,
         on_stage: StageCallback | None = None,
         mmr_pool: int = 50,
-        ordering: str = "dcg",
+        ordering: str = "expected",
         fresh: FreshItems | None = None,
         fresh_slots: int = 1,
         rerank_top: int | None = None,
@@ -701,7 +724,9 @@ class Pipeline:
         covisit_candidates: int = 10,
         affinity_weight: float | None = None,
     ) -> None:
-        """``rerank_top``: candidates per user the reranker scores (``RerankStage``); None:
+        """``diversity``: the order stage's weight; None: the ordering's
+        :data:`DEFAULT_DIVERSITY`.
+        ``rerank_top``: candidates per user the reranker scores (``RerankStage``); None:
         as many as the reranker was trained on (its ``trained_candidates``), else all.
         ``diversity_source``: where ``diversity`` came from, for the start-up log.
         ``covisit_weight``: weight of the encoder's co-visitation table (its ``covisit``);
@@ -714,6 +739,10 @@ class Pipeline:
             raise ValueError(
                 f"pipeline: expected encoder dim == index dim, got {encoder.dim} and {index.dim}"
             )
+        if ordering not in ORDERINGS:
+            raise ValueError(f"pipeline: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
+        if diversity is None:
+            diversity = DEFAULT_DIVERSITY[ordering]
         if not (1 <= slate_size <= candidates) or not 0.0 <= diversity <= 1.0:
             raise ValueError(
                 "pipeline: expected 1 <= slate_size <= candidates and diversity in [0, 1], got "

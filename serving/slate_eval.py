@@ -52,11 +52,20 @@ from serving.reranker import (
 
 STAGE = "slate-eval"
 STAGES: tuple[str, ...] = ("retrieval", "rerank", "full")
-ORDERINGS: tuple[str, ...] = ("mmr", "dcg", "dpp")
+ORDERINGS: tuple[str, ...] = ("expected", "dcg", "mmr", "dpp")
 #: Diversity weights of the trade-off curve: dense where the slate changes most, sparse after.
 DIVERSITY_GRID: tuple[float, ...] = (
     *(0.0, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
 )
+#: The same for "expected", whose weights are on a scale of probabilities (serving.ordering).
+EXPECTED_GRID: tuple[float, ...] = (
+    *(0.0, 0.001, 0.002, 0.003, 0.005, 0.007, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07, 0.1, 0.2),
+)
+
+
+def curve_grid(ordering: str) -> tuple[float, ...]:
+    """The trade-off curve's default weights for ``ordering``."""
+    return EXPECTED_GRID if ordering == "expected" else DIVERSITY_GRID
 
 
 def slate_ranks(slates: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -72,6 +81,12 @@ def slate_ranks(slates: np.ndarray, targets: np.ndarray) -> np.ndarray:
         )
     hit = (slates == targets[:, None]) & (targets[:, None] > 0)
     return np.where(hit.any(axis=1), hit.argmax(axis=1), MISS).astype(np.int64)
+
+
+def ndcg_gains(slates: np.ndarray, targets: np.ndarray, k: int = 10) -> np.ndarray:
+    """``(U,)`` each slate's NDCG@k for its one target (IDCG = 1)."""
+    ranks = slate_ranks(np.asarray(slates)[:, :k], targets)
+    return np.where(ranks < k, 1.0 / np.log2(np.minimum(ranks, k) + 2.0), 0.0)
 
 
 def slate_metrics(
@@ -90,7 +105,7 @@ def slate_metrics(
     top = slates[:, :k]
     ranks = slate_ranks(top, targets)
     hit = ranks < k
-    gains = np.where(hit, 1.0 / np.log2(np.minimum(ranks, k) + 2.0), 0.0)
+    gains = ndcg_gains(top, targets, k)
     vecs = np.asarray(item_vectors)[np.maximum(top, 0)]
     vecs = np.where((top >= 0)[:, :, None], vecs, 0.0)
     ild = np.asarray(intra_list_diversity(vecs), dtype=np.float64)
@@ -132,13 +147,15 @@ def mmr_slates(
     *,
     categories: np.ndarray | None = None,
     category_weight: float = 0.5,
-    ordering: str = "dcg",
+    ordering: str = "expected",
     temperature: float = 1.0,
     chunk: int = 1024,
 ) -> np.ndarray:
-    """``(U, k)`` MMR slates over ``cand (U, C)`` with relevance ``scores (U, C)``; with
-    ``ordering='dcg'`` expected-gain MMR (``serving.ordering.xmmr``), with ``ordering='dpp'``
-    greedy DPP slates (``serving.ordering.dpp``, vectors only) instead.
+    """``(U, k)`` diversified slates over ``cand (U, C)`` with relevance ``scores (U, C)``:
+    ``ordering='expected'`` expected NDCG + ILD over each user's probabilities among its C
+    candidates (``serving.ordering.expected``), ``'dcg'`` expected-gain MMR
+    (``serving.ordering.xmmr``), ``'mmr'`` min-max MMR, ``'dpp'`` greedy DPP slates
+    (``serving.ordering.dpp``, vectors only).
 
     ``categories (N + 1, M)`` distinct category ids per item (-1 = none) make the similarity
     the pipeline's blend of cosine and category Jaccard (``serving.ordering.mmr``).
@@ -181,15 +198,20 @@ def tradeoff_curve(
     item_vectors: np.ndarray,
     *,
     k: int = 10,
-    grid: Sequence[float] = DIVERSITY_GRID,
+    grid: Sequence[float] | None = None,
     categories: np.ndarray | None = None,
     category_weight: float = 0.5,
-    ordering: str = "dcg",
+    ordering: str = "expected",
     temperature: float = 1.0,
 ) -> list[dict[str, float]]:
-    """One metrics row per diversity weight: ``{"diversity", HR@k, NDCG@k, ILD@k, coverage@k}``."""
+    """One metrics row per diversity weight of ``grid`` (default: :func:`curve_grid`):
+    ``{"diversity", HR@k, NDCG@k, ILD@k, coverage@k}``, and with a weight-0 row in the grid
+    ``NDCG@k_se``: the standard error of each row's mean NDCG@k change from it (paired over
+    the same users), which :func:`choose_diversity` keeps as a margin."""
     rows = []
-    for lam in grid:
+    weights = [float(w) for w in (curve_grid(ordering) if grid is None else grid)]
+    base = ndcg_gains(top_k(cand, scores, k), targets, k) if 0.0 in weights and len(cand) else None
+    for lam in weights:
         slates = mmr_slates(
             cand,
             scores,
@@ -201,15 +223,31 @@ def tradeoff_curve(
             ordering=ordering,
             temperature=temperature,
         )
-        rows.append({"diversity": float(lam), **slate_metrics(slates, targets, item_vectors, k)})
+        row = {"diversity": lam, **slate_metrics(slates, targets, item_vectors, k)}
+        if base is not None:
+            change = ndcg_gains(slates, targets, k) - base
+            row[f"NDCG@{k}_se"] = float(change.std() / np.sqrt(len(change)))
+        rows.append(row)
     return rows
 
 
+#: Standard errors of the NDCG@k change a chosen weight keeps between its validation loss and
+#: ``max_loss``: a weight chosen at the edge of 2% on validation lands on either side of it
+#: out of sample (on Beauty one standard error is 0.3 points of the 2%).
+MARGIN_SE = 1.0
+
+
 def choose_diversity(
-    curve: Sequence[dict[str, float]], *, max_loss: float = 0.02, k: int = 10
+    curve: Sequence[dict[str, float]],
+    *,
+    max_loss: float = 0.02,
+    k: int = 10,
+    margin_se: float = MARGIN_SE,
 ) -> dict[str, float]:
     """The curve row with the highest ILD whose NDCG@k is within ``max_loss`` (relative) of the
-    diversity = 0 row. ``curve`` must contain diversity 0."""
+    diversity = 0 row by ``margin_se`` standard errors of its change (``NDCG@k_se`` of
+    :func:`tradeoff_curve`; a row without it has no margin). ``curve`` must contain
+    diversity 0."""
     base = [r for r in curve if r["diversity"] == 0.0]
     if not base:
         raise ValueError(
@@ -217,14 +255,28 @@ def choose_diversity(
             f"{[r['diversity'] for r in curve]}"
         )
     floor = (1.0 - max_loss) * base[0][f"NDCG@{k}"]
-    ok = [r for r in curve if r[f"NDCG@{k}"] >= floor]
+    ok = [r for r in curve if r[f"NDCG@{k}"] - margin_se * r.get(f"NDCG@{k}_se", 0.0) >= floor]
     return max(ok, key=lambda r: (r[f"ILD@{k}"], -r["diversity"]))
 
 
-#: Weights tried when choosing a scorer's diversity weight on validation (``calibrate``).
+#: Weights tried when choosing a scorer's diversity weight on validation (``calibrate``), per
+#: ordering.
 WEIGHT_GRID: tuple[float, ...] = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3)
+EXPECTED_WEIGHT_GRID: tuple[float, ...] = (
+    *(0.0, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01),
+    *(0.012, 0.015, 0.02, 0.03),
+)
+#: The ordering ``calibrate`` chooses a weight for: the order stage's default.
+CALIBRATED_ORDERING = "expected"
+
+
+def weight_grid(ordering: str) -> tuple[float, ...]:
+    """The weights :func:`choose_weight` tries for ``ordering``."""
+    return EXPECTED_WEIGHT_GRID if ordering == "expected" else WEIGHT_GRID
+
+
 #: Validation cases the weight's trade-off curve is measured on (a seeded subset above it).
-WEIGHT_USERS = 10_000
+WEIGHT_USERS = 50_000
 
 
 @dataclass(frozen=True)
@@ -232,7 +284,7 @@ class Calibrated:
     """What :func:`calibrate` fitted, per scorer ('retrieval', 'rerank')."""
 
     fits: dict[str, Calibration]  # score temperatures
-    weights: dict[str, SlateWeight]  # diversity weights of the "dcg" ordering
+    weights: dict[str, SlateWeight]  # diversity weights of CALIBRATED_ORDERING
 
 
 def choose_weight(
@@ -244,13 +296,18 @@ def choose_weight(
     temperature: float,
     max_loss: float = 0.02,
     k: int = 10,
-    grid: Sequence[float] = WEIGHT_GRID,
+    ordering: str = CALIBRATED_ORDERING,
+    grid: Sequence[float] | None = None,
     users: int = WEIGHT_USERS,
     seed: int = 0,
+    seen_filtered: bool = False,
+    margin_se: float = MARGIN_SE,
 ) -> SlateWeight:
-    """The largest "dcg" weight of ``grid`` whose NDCG@k over ``cand``/``scores`` is within
-    ``max_loss`` (relative) of pure relevance (:func:`choose_diversity`), on a seeded subset of
-    at most ``users`` rows."""
+    """The ``ordering`` weight of ``grid`` (default :func:`weight_grid`) with the most ILD@k
+    whose NDCG@k over ``cand``/``scores`` is within ``max_loss`` (relative) of pure relevance
+    by ``margin_se`` standard errors (:func:`choose_diversity`), on a seeded subset of at most
+    ``users`` rows.
+    ``seen_filtered`` is recorded: the caller dropped the history items from ``scores``."""
     rows = np.arange(len(cand))
     if len(rows) > users:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), users, replace=False))
@@ -260,20 +317,22 @@ def choose_weight(
         targets[rows],
         item_vectors,
         k=k,
-        grid=sorted({0.0, *grid}),
-        ordering="dcg",
+        grid=sorted({0.0, *(weight_grid(ordering) if grid is None else grid)}),
+        ordering=ordering,
         temperature=temperature,
     )
-    chosen = choose_diversity(curve, max_loss=max_loss, k=k)
+    chosen = choose_diversity(curve, max_loss=max_loss, k=k, margin_se=margin_se)
     base = curve[0]
     return SlateWeight(
         diversity=chosen["diversity"],
-        ordering="dcg",
+        ordering=ordering,
         max_loss=max_loss,
         ndcg_change=_relative(chosen[f"NDCG@{k}"], base[f"NDCG@{k}"]) or 0.0,
         ild_change=_relative(chosen[f"ILD@{k}"], base[f"ILD@{k}"]) or 0.0,
         users=len(rows),
         k=k,
+        seen_filtered=seen_filtered,
+        margin_se=margin_se,
     )
 
 
@@ -299,12 +358,20 @@ def calibrate(
     candidates: int = 100,
     model_dir: Path | str | None = None,
     max_loss: float = 0.02,
+    filter_seen: bool | None = None,
 ) -> Calibrated:
     """Fit the temperature of the retrieval scores (and the reranker's) on the VALIDATION
-    cases' top-``candidates`` (``serving.calibration``), then choose each scorer's "dcg"
-    diversity weight on the same cases at that temperature (:func:`choose_weight`, NDCG@10
-    loss within ``max_loss``). With ``model_dir`` both are stored in its ``config.json`` /
-    ``reranker.json``; the loaded ``encoder`` and ``reranker`` take them at once either way."""
+    cases' top-``candidates`` (``serving.calibration``), then choose each scorer's diversity
+    weight for :data:`CALIBRATED_ORDERING` on the same cases at that temperature
+    (:func:`choose_weight`, NDCG@10 loss within ``max_loss``). With ``model_dir`` both are
+    stored in its ``config.json`` / ``reranker.json``; the loaded ``encoder`` and ``reranker``
+    take them at once either way.
+
+    ``filter_seen``: fit both on what a worker with ``STREAMREC_FILTER_SEEN=1`` orders (the
+    user's history items dropped from the candidates, and the reranker scoring the rest);
+    None: as the model's side scores were fitted (:func:`fitted_for_seen_filter`)."""
+    if filter_seen is None:
+        filter_seen = fitted_for_seen_filter(encoder)
     cases = split.cases("valid")
     if not cases:
         raise ValueError(f"{STAGE}: expected validation cases (users with >= 3 steps), got none")
@@ -334,9 +401,21 @@ def calibrate(
                 encoder, log_, at, candidates=candidates, seq_len=seq_len, covisit=rr_table
             )
         )
-        scored["rerank"] = (rr_logged, score_logged(reranker.net, rr_logged))
+        if filter_seen:
+            seen = seen_mask(rr_logged.cand, log_, cases)
+            unseen = replace(rr_logged, cand=np.where(seen, 0, rr_logged.cand))
+            scored["rerank"] = (
+                rr_logged,
+                np.where(seen, -np.inf, score_logged(reranker.net, unseen)),
+            )
+        else:
+            scored["rerank"] = (rr_logged, score_logged(reranker.net, rr_logged))
+    if filter_seen:
+        seen = seen_mask(logged.cand, log_, cases)
+        scored["retrieval"] = (logged, np.where(seen, -np.inf, logged.retrieval))
     fits = {
-        name: fit_temperature(scores, cands.target_pos) for name, (cands, scores) in scored.items()
+        name: fit_temperature(scores, _served_target(cands.target_pos, scores))
+        for name, (cands, scores) in scored.items()
     }
     targets = np.array([log_.target(c) for c in cases], dtype=np.int64)
     vectors = encoder.model.item_table().detach().float().cpu().numpy()
@@ -348,6 +427,7 @@ def calibrate(
             vectors,
             temperature=fits[name].temperature,
             max_loss=max_loss,
+            seen_filtered=filter_seen,
         )
         for name, (cands, scores) in scored.items()
     }
@@ -365,6 +445,22 @@ def calibrate(
     return Calibrated(fits, weights)
 
 
+def fitted_for_seen_filter(encoder: EncoderLike) -> bool:
+    """Whether the encoder's side-score weights were fitted for a worker that filters seen
+    items (``streamrec train --filter-seen``: ``covisit_fit.validation_history`` = excluded)."""
+    config = getattr(encoder, "config", None)
+    fit = config.get("covisit_fit") if isinstance(config, dict) else None
+    return isinstance(fit, dict) and fit.get("validation_history") == "excluded"
+
+
+def _served_target(target_pos: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``target_pos`` with the cases whose target the filters dropped (score -inf) marked
+    as not retrieved."""
+    rows = np.arange(len(target_pos))
+    kept = np.isfinite(scores[rows, np.maximum(target_pos, 0)])
+    return np.where((target_pos >= 0) & kept, target_pos, -1)
+
+
 def _relative(new: float, old: float) -> float | None:
     return round(new / old - 1.0, 4) if old > 0 else None
 
@@ -379,31 +475,36 @@ def evaluate_slates(
     candidates: int = 100,
     k: int = 10,
     diversity: float | None = None,
-    grid: Sequence[float] = DIVERSITY_GRID,
+    grid: Sequence[float] | None = None,
     max_loss: float = 0.02,
     retrieval_curve: bool = True,
     curve_users: int | None = None,
     seed: int = 0,
     category_weight: float = 0.0,
-    ordering: str = "dcg",
+    ordering: str = "expected",
+    filter_seen: bool = False,
 ) -> dict[str, Any]:
     """The slate report (JSON-ready) for ``which`` ('valid' or 'test') leave-one-out cases.
 
     stages: 'retrieval' (retrieval only), 'rerank' (+ reranker on the same candidates) or
-    'full' (+ the MMR trade-off curve and the row at ``diversity``; when ``diversity`` is None
-    the weight is chosen by :func:`choose_diversity` with ``max_loss``).
-    ``retrieval_curve`` adds the curve of MMR over retrieval scores; ``curve_users`` computes
-    the curves on a seeded random subset of that many users (MMR is the slow part; the
+    'full' (+ the diversity trade-off curve of the scores the order stage sees, the
+    reranker's or, without one, retrieval's, and the row at ``diversity``; when ``diversity``
+    is None the weight is chosen by :func:`choose_diversity` with ``max_loss``).
+    ``filter_seen``: the curves order what a worker with ``STREAMREC_FILTER_SEEN=1`` orders
+    (history items dropped; the headline rows report both ways regardless).
+    ``retrieval_curve`` adds the curve over retrieval scores beside the reranker's;
+    ``curve_users`` computes the curves on a seeded random subset of that many users (the
+    ordering is the slow part; the
     headline rows always use every user, and the curve's relative changes compare rows of the
     same subset). ``category_weight > 0`` blends the category Jaccard of the reranker's item
     categories into MMR's similarity, as the pipeline's order stage does with catalogue
-    categories; ILD is still measured on the encoder's vectors. ``ordering='dcg'`` builds the
-    curve with expected-gain MMR, ``ordering='dpp'`` with the greedy DPP (the weight is then
-    that ordering's trade-off).
+    categories; ILD is still measured on the encoder's vectors. ``ordering`` names the
+    ordering the curve is built with (``serving.ordering``; 'dpp' is the greedy DPP); the
+    weight is that ordering's, and ``grid`` defaults to :func:`curve_grid`.
     """
     if stages not in STAGES:
         raise ValueError(f"{STAGE}: expected stages in {list(STAGES)}, got {stages!r}")
-    if stages != "retrieval" and reranker is None:
+    if stages == "rerank" and reranker is None:
         raise ValueError(f"{STAGE}: expected a trained reranker for stages={stages!r}, got none")
     if reranker is not None and reranker.cfg.encoder_version not in ("", encoder.version):
         raise ValueError(
@@ -461,80 +562,123 @@ def evaluate_slates(
     report["retrieval_filtered"] = slate_metrics(
         top_k(logged.cand, np.where(seen, -np.inf, logged.retrieval), k), targets, vectors, k
     )
-    if stages == "retrieval" or reranker is None:
-        report["seconds"] = round(time.perf_counter() - started, 1)
-        return report
-    report["reranker_version"] = reranker.version
-    t0 = time.perf_counter()
-    scores = score_logged(reranker.net, logged)
-    report["rerank_seconds"] = round(time.perf_counter() - t0, 2)
-    report["rerank"] = slate_metrics(top_k(logged.cand, scores, k), targets, vectors, k)
-    # The pipeline filters before it reranks: the reranker scores only the unseen candidates.
-    unseen = replace(logged, cand=np.where(seen, 0, logged.cand))
-    report["rerank_filtered"] = slate_metrics(
-        top_k(logged.cand, score_logged(reranker.net, unseen), k), targets, vectors, k
-    )
-    for key, base in (("lift", "retrieval"), ("lift_over_filtered", "retrieval_filtered")):
-        report[key] = {
-            name: _relative(report["rerank"][name], report[base][name]) for name in report[base]
-        }
+    # The order stage's input per scorer: what the worker orders (no history items when it
+    # filters seen items).
+    ordered = {
+        "retrieval": np.where(seen, -np.inf, logged.retrieval) if filter_seen else logged.retrieval
+    }
+    if reranker is not None and stages != "retrieval":
+        report["reranker_version"] = reranker.version
+        t0 = time.perf_counter()
+        scores = score_logged(reranker.net, logged)
+        report["rerank_seconds"] = round(time.perf_counter() - t0, 2)
+        report["rerank"] = slate_metrics(top_k(logged.cand, scores, k), targets, vectors, k)
+        # The pipeline filters before it reranks: the reranker scores only the unseen ones.
+        unseen = replace(logged, cand=np.where(seen, 0, logged.cand))
+        filtered = np.where(seen, -np.inf, score_logged(reranker.net, unseen))
+        report["rerank_filtered"] = slate_metrics(
+            top_k(logged.cand, filtered, k), targets, vectors, k
+        )
+        for key, base in (("lift", "retrieval"), ("lift_over_filtered", "retrieval_filtered")):
+            report[key] = {
+                name: _relative(report["rerank"][name], report[base][name]) for name in report[base]
+            }
+        ordered["rerank"] = filtered if filter_seen else scores
     if stages == "full":
-        grid = sorted({0.0, *grid, *([diversity] if diversity is not None else [])})
-        sub = np.arange(len(cases))
-        if curve_users is not None and curve_users < len(cases):
-            sub = np.sort(np.random.default_rng(seed).choice(len(cases), curve_users, False))
-        report["curve_users"] = len(sub)
-        cand, tgt = logged.cand[sub], targets[sub]
-        cats = None
-        if category_weight > 0:
-            item_cats = reranker.net.item_categories.cpu().numpy()
-            cats = np.where(item_cats > 0, item_cats, -1)
-        report["category_weight"] = category_weight
-        report["ordering"] = ordering
-        # "dcg" reads each scorer's scores at its calibrated temperature (1.0 if uncalibrated).
-        temps = {
-            "rerank": reranker.temperature,
-            "retrieval": float(getattr(encoder, "temperature", 1.0)),
-        }
-        report["temperature"] = temps
-        curve = tradeoff_curve(
-            cand,
-            scores[sub],
-            tgt,
+        temps = {"retrieval": float(getattr(encoder, "temperature", 1.0))}
+        if reranker is not None:
+            temps["rerank"] = reranker.temperature
+        primary = "rerank" if "rerank" in ordered else "retrieval"
+        report |= _diversity_curves(
+            logged.cand,
+            {name: got for name, got in ordered.items() if name == primary or retrieval_curve},
+            temps,
+            targets,
             vectors,
+            primary=primary,
             k=k,
-            grid=grid,
-            categories=cats,
+            grid=curve_grid(ordering) if grid is None else grid,
+            diversity=diversity,
+            max_loss=max_loss,
+            users=curve_users,
+            seed=seed,
+            categories=_category_table(reranker) if category_weight > 0 else None,
             category_weight=category_weight,
             ordering=ordering,
-            temperature=temps["rerank"],
         )
-        report["curve"] = {"rerank": curve}
-        if retrieval_curve:
-            report["curve"]["retrieval"] = tradeoff_curve(
-                cand,
-                logged.retrieval[sub],
-                tgt,
-                vectors,
-                k=k,
-                grid=grid,
-                categories=cats,
-                category_weight=category_weight,
-                ordering=ordering,
-                temperature=temps["retrieval"],
-            )
-        if diversity is None:
-            chosen = choose_diversity(curve, max_loss=max_loss, k=k)
-        else:
-            chosen = next(r for r in curve if r["diversity"] == diversity)
-        report["diversity"] = chosen["diversity"]
-        report["at_diversity"] = {
+        report["seen_filtered"] = filter_seen
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def _category_table(reranker: TransformerReranker | None) -> np.ndarray:
+    """``(N + 1, M)`` the reranker's item categories, -1 for none."""
+    if reranker is None:
+        raise ValueError(f"{STAGE}: expected a reranker for category_weight > 0 (its item "
+                         "categories), got none")  # fmt: skip
+    item_cats = reranker.net.item_categories.cpu().numpy()
+    return np.where(item_cats > 0, item_cats, -1)
+
+
+def _diversity_curves(
+    cand: np.ndarray,
+    scored: dict[str, np.ndarray],
+    temps: dict[str, float],
+    targets: np.ndarray,
+    vectors: np.ndarray,
+    *,
+    primary: str,
+    k: int,
+    grid: Sequence[float],
+    diversity: float | None,
+    max_loss: float,
+    users: int | None,
+    seed: int,
+    categories: np.ndarray | None,
+    category_weight: float,
+    ordering: str,
+) -> dict[str, Any]:
+    """The trade-off curve of each scorer in ``scored`` and the ``primary`` scorer's row at
+    ``diversity`` (chosen on its curve by :func:`choose_diversity` when None)."""
+    weights = sorted({0.0, *grid} | ({diversity} if diversity is not None else set()))
+    sub = np.arange(len(cand))
+    if users is not None and users < len(cand):
+        sub = np.sort(np.random.default_rng(seed).choice(len(cand), users, False))
+    curves = {
+        name: tradeoff_curve(
+            cand[sub],
+            scores[sub],
+            targets[sub],
+            vectors,
+            k=k,
+            grid=weights,
+            categories=categories,
+            category_weight=category_weight,
+            ordering=ordering,
+            temperature=temps[name],
+        )
+        for name, scores in scored.items()
+    }
+    curve = curves[primary]
+    if diversity is None:
+        chosen = choose_diversity(curve, max_loss=max_loss, k=k)
+    else:
+        chosen = next(r for r in curve if r["diversity"] == diversity)
+    return {
+        "curve_users": len(sub),
+        "category_weight": category_weight,
+        "ordering": ordering,
+        # "expected" and "dcg" read each scorer's scores at its calibrated temperature.
+        "temperature": temps,
+        "curve": curves,
+        "curve_of": primary,
+        "diversity": chosen["diversity"],
+        "at_diversity": {
             **chosen,
             "NDCG_change": _relative(chosen[f"NDCG@{k}"], curve[0][f"NDCG@{k}"]),
             "ILD_change": _relative(chosen[f"ILD@{k}"], curve[0][f"ILD@{k}"]),
-        }
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    return report
+        },
+    }
 
 
 def plot_tradeoff(report: dict[str, Any], path: Path | str, *, title: str = "") -> Path:
@@ -555,13 +699,16 @@ def plot_tradeoff(report: dict[str, Any], path: Path | str, *, title: str = "") 
         rows = report["curve"][name]
         xs = [r[f"ILD@{k}"] for r in rows]
         ys = [r[f"NDCG@{k}"] for r in rows]
-        ordering = {"dcg": "expected-gain MMR", "mmr": "MMR", "dpp": "DPP"}.get(
-            report.get("ordering", "mmr"), "MMR"
-        )
+        ordering = {
+            "expected": "expected NDCG + ILD",
+            "dcg": "expected-gain MMR",
+            "mmr": "MMR",
+            "dpp": "DPP",
+        }.get(report.get("ordering", "mmr"), "MMR")
         ax.plot(xs, ys, style, label=f"{name} + {ordering}", markersize=4)
         for r, x, y in zip(rows, xs, ys, strict=True):
-            if name == "rerank":
-                ax.annotate(f"{r['diversity']:.2f}", (x, y), fontsize=7, alpha=0.7)
+            if name == report.get("curve_of", "rerank"):
+                ax.annotate(f"{r['diversity']:g}", (x, y), fontsize=7, alpha=0.7)
     if "diversity" in report:
         chosen = report["at_diversity"]
         ax.scatter(
@@ -570,7 +717,7 @@ def plot_tradeoff(report: dict[str, Any], path: Path | str, *, title: str = "") 
             s=120,
             facecolors="none",
             edgecolors="red",
-            label=f"weight {report['diversity']:.2f}",
+            label=f"weight {report['diversity']:g}",
         )
     ax.set_xlabel(f"intra-list diversity @{k} (mean pairwise cosine distance)")
     ax.set_ylabel(f"NDCG@{k}")

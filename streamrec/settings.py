@@ -75,10 +75,13 @@ class Settings(BaseSettings):
         ge=0.0,
         le=1.0,
         description="weight on diversity in the slate ordering (0 = off); unset: the weight "
-        "chosen on validation and stored with the model, else 0.15",
+        "chosen on validation and stored with the model, else the ordering's default (0.005 "
+        "for expected, 0.15 for dcg and mmr)",
     )
-    ordering: Literal["dcg", "mmr"] = Field(
-        "dcg", description="slate ordering: dcg (expected-gain MMR) or mmr (min-max MMR)"
+    ordering: Literal["expected", "dcg", "mmr"] = Field(
+        "expected",
+        description="slate ordering: expected (expected NDCG + diversity over calibrated "
+        "probabilities), dcg (expected-gain MMR) or mmr (min-max MMR)",
     )
     filter_seen: bool = False
     covisit_weight: float | None = Field(

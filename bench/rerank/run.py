@@ -130,8 +130,8 @@ def main(
         float, typer.Option(help="category Jaccard share of MMR's similarity (0 = vectors)")
     ] = 0.0,
     ordering: Annotated[
-        str, typer.Option(help="dcg | mmr | dpp: the diversity curve's ordering")
-    ] = "dcg",
+        str, typer.Option(help="expected | dcg | mmr | dpp: the diversity curve's ordering")
+    ] = "expected",
     heldout_model: Annotated[
         Path | None, typer.Option(help="cross-fitted encoder dir (default: <model>-heldout)")
     ] = None,
@@ -203,7 +203,8 @@ def main(
     )
     version = save_reranker(result.reranker, model_dir, metrics={"valid": result.valid})
     console.print(f"reranker {version}: valid {result.valid}")
-    # The "dcg" ordering reads both scorers' logits at their validation-fitted temperatures.
+    # The "expected" and "dcg" orderings read both scorers' logits at their validation-fitted
+    # temperatures.
     fits = calibrate(
         encoder, split, reranker=result.reranker, candidates=candidates, model_dir=model_dir
     )

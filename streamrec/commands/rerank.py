@@ -155,9 +155,10 @@ def echo_calibrated(result: Calibrated) -> None:
         w = result.weights[name]
         typer.echo(
             f"{name} scores: temperature {cal.temperature:.3f} (validation NLL "
-            f"{cal.nll_at_1:.4f} at 1.0 -> {cal.nll:.4f}, {cal.cases} cases); diversity "
-            f"weight {w.diversity:g} (NDCG@{w.k} {w.ndcg_change:+.1%}, ILD@{w.k} "
-            f"{w.ild_change:+.1%} on {w.users} validation users)"
+            f"{cal.nll_at_1:.4f} at 1.0 -> {cal.nll:.4f}, {cal.cases} cases); {w.ordering} "
+            f"diversity weight {w.diversity:g} (NDCG@{w.k} {w.ndcg_change:+.1%}, ILD@{w.k} "
+            f"{w.ild_change:+.1%} on {w.users} validation users, "
+            + ("seen items filtered)" if w.seen_filtered else "history kept)")
         )
 
 
@@ -167,10 +168,19 @@ def calibrate(
     fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)],
     candidates: Annotated[int, typer.Option(help="C retrieved per validation case")] = 100,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
+    filter_seen: Annotated[
+        bool | None,
+        typer.Option(
+            "--filter-seen/--keep-seen",
+            help="choose for a worker that filters seen items (STREAMREC_FILTER_SEEN=1) or "
+            "not; default: as the model's co-visitation weights were fitted",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Fit the score temperatures the "dcg" slate ordering reads and choose its diversity weight
-    (validation split: the largest within 2% NDCG@10 of pure relevance); store both beside the
-    encoder and reranker (weights and versions unchanged)."""
+    """Fit the score temperatures the slate ordering reads and choose its diversity weight for
+    the default ordering, "expected" (validation split: the largest within 2% NDCG@10 of pure
+    relevance); store both beside the encoder and reranker (weights and versions unchanged)."""
     import torch
 
     from serving.artifacts import ArtifactError, load_model
@@ -183,7 +193,14 @@ def calibrate(
         encoder = load_model(model, device="cpu")
         reranker = load_reranker(model)
         split = leave_one_out(load_interactions(data, fmt))
-        fits = fit(encoder, split, reranker=reranker, candidates=candidates, model_dir=model)
+        fits = fit(
+            encoder,
+            split,
+            reranker=reranker,
+            candidates=candidates,
+            model_dir=model,
+            filter_seen=filter_seen,
+        )
     except (ArtifactError, RerankerError, DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     echo_calibrated(fits)
@@ -204,11 +221,19 @@ def evaluate_slates(
         float | None, typer.Option(help="diversity weight to report; default: chosen on the curve")
     ] = None,
     ordering: Annotated[
-        str, typer.Option(help="dcg | mmr | dpp: the ordering of the diversity curve")
-    ] = "dcg",
+        str, typer.Option(help="expected | dcg | mmr | dpp: the ordering of the diversity curve")
+    ] = "expected",
+    filter_seen: Annotated[
+        bool,
+        typer.Option(
+            help="order what a worker with STREAMREC_FILTER_SEEN=1 orders (the user's history "
+            "items dropped) on the diversity curve"
+        ),
+    ] = False,
     threads: int = 2,
 ) -> None:
-    """HR/NDCG@k, intra-list diversity and coverage: retrieval vs rerank vs + MMR."""
+    """HR/NDCG@k, intra-list diversity and coverage: retrieval vs rerank vs + diversity (the
+    curve orders the reranker's scores, or retrieval's when the model has no reranker)."""
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -236,10 +261,11 @@ def evaluate_slates(
     try:
         encoder = load_model(model, device="cpu")
         reranker = load_reranker(model) if stages != "retrieval" else None
-        if stages != "retrieval" and reranker is None:
+        if stages == "rerank" and reranker is None:
             raise ValueError(
                 f"evaluate-slates: expected a reranker in {model} for --stages {stages}; "
-                "run `streamrec train-reranker` first"
+                "run `streamrec train-reranker` first (--stages full orders the retrieval "
+                "scores without one)"
             )
         loo = leave_one_out(load_interactions(data, fmt))
         report = evaluate_slates(
@@ -252,6 +278,7 @@ def evaluate_slates(
             k=k,
             diversity=diversity,
             ordering=ordering,
+            filter_seen=filter_seen,
         )
     except (ArtifactError, RerankerError, DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
@@ -262,10 +289,15 @@ def evaluate_slates(
     for key in keys:
         table.add_column(key, justify="right")
     rows = [("retrieval", report["retrieval"])]
+    if report.get("seen_filtered"):
+        rows.append(("retrieval, seen filtered", report["retrieval_filtered"]))
     if "rerank" in report:
         rows.append(("rerank", report["rerank"]))
+        if report.get("seen_filtered"):
+            rows.append(("rerank, seen filtered", report["rerank_filtered"]))
     if "at_diversity" in report:
-        label = f"rerank + {report['ordering']} {report['diversity']:.2f}"
+        seen = ", seen filtered" if report["seen_filtered"] else ""
+        label = f"{report['curve_of']}{seen} + {report['ordering']} {report['diversity']:g}"
         rows.append((label, report["at_diversity"]))
     for name, metrics in rows:
         table.add_row(name, *(f"{metrics[key]:.4f}" for key in keys))

@@ -1,4 +1,5 @@
-"""MMR, expected-gain MMR and greedy DPP against their references; evaluation helpers."""
+"""MMR, expected-gain MMR, the expected NDCG + ILD ordering and greedy DPP against their
+references; evaluation helpers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from serving.ordering import (
     diversify,
     dpp,
     dpp_reference,
+    expected,
+    expected_reference,
     intra_list_diversity,
+    log_partition_of,
     mmr,
     mmr_reference,
     xmmr,
@@ -32,7 +36,10 @@ def case(seed: int, b: int = 6, c: int = 40, d: int = 8, m: int = 3):
 
 @pytest.mark.parametrize("diversity", [0.0, 0.3, 0.7, 1.0])
 @pytest.mark.parametrize("with_categories", [False, True])
-@pytest.mark.parametrize(("fast_path", "reference"), [(mmr, mmr_reference), (xmmr, xmmr_reference)])
+@pytest.mark.parametrize(
+    ("fast_path", "reference"),
+    [(mmr, mmr_reference), (xmmr, xmmr_reference), (expected, expected_reference)],
+)
 def test_mmr_matches_reference(
     diversity: float, with_categories: bool, fast_path: object, reference: object
 ) -> None:
@@ -115,6 +122,57 @@ def test_expected_gain_keeps_likely_items_and_diversifies_the_tail() -> None:
     assert xmmr(rel + 100.0, vec, 4, 0.2).tolist() == xmmr(rel, vec, 4, 0.2).tolist()
 
 
+@pytest.mark.parametrize("diversity", [0.005, 0.02, 0.1])
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_expected_matches_reference_at_its_weights(diversity: float, temperature: float) -> None:
+    # Its weights sit near 0.01 (probabilities are small); a pool's partition may be given.
+    for seed in range(3):
+        rel, vec, cats = case(seed)
+        cats = np.where(cats == np.roll(cats, 1, axis=2), -1, cats)
+        log_z = log_partition_of(rel, temperature) + np.linspace(0.0, 2.0, len(rel))
+        for part in (None, log_z):
+            fast = expected(
+                rel, vec, 10, diversity, categories=cats, temperature=temperature,
+                log_partition=part,
+            )  # fmt: skip
+            slow = expected_reference(
+                rel.tolist(), vec.tolist(), 10, diversity, categories=cats.tolist(),
+                temperature=temperature, log_partition=None if part is None else part.tolist(),
+            )  # fmt: skip
+            assert fast.tolist() == slow
+
+
+def test_expected_diversifies_the_uncertain_user_not_the_confident_one() -> None:
+    # Two users with the same pool of candidates and scores. User 0's pool is all of its
+    # candidates (its best has p = 0.29); user 1's was cut from a long flat list holding 40
+    # times the pool's mass (its best has p = 0.007). Cluster A = 0-5, cluster B = 6-9.
+    vec = np.array([[[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 4] * 2)
+    top = [6.0, 5.5, 5.2, 5.1, 5.0, 4.9, 3.6, 3.5, 3.4, 3.3]
+    rel = np.array([top, top])
+    flat = log_partition_of(rel) + np.log(40.0)  # user 1's pool was cut from a flat list
+    part = np.array([log_partition_of(rel)[0], flat[1]])
+    picks = expected(rel, vec, 4, 0.02, log_partition=part).tolist()
+    assert picks[0] == [0, 1, 2, 3]  # confident: the likely items stay
+    assert picks[1][:2] == [0, 6]  # uncertain: cluster B comes in second
+    # Expected-gain MMR reads both users alike (the same ratios to the best).
+    rows = xmmr(rel, vec, 4, 0.2).tolist()
+    assert rows[0] == rows[1]
+    # Without the partition the pool looks confident too: the two users are alike again.
+    alike = expected(rel, vec, 4, 0.02).tolist()
+    assert alike[0] == alike[1] == picks[0]
+    # Logits: a constant added to a row (and to its partition) changes nothing.
+    again = expected(rel + 50.0, vec, 4, 0.02, log_partition=part + 50.0).tolist()
+    assert again == picks
+    assert diversify("expected", rel, vec, 4, 0.02, log_partition=part).tolist() == picks
+
+
+def test_log_partition_of() -> None:
+    s = np.array([[1.0, 2.0, -np.inf], [-np.inf, -np.inf, -np.inf], [0.0, 0.0, 0.0]])
+    got = log_partition_of(s, temperature=2.0)
+    np.testing.assert_allclose(got[[0, 2]], [np.log(np.exp(0.5) + np.exp(1.0)), np.log(3.0)])
+    assert got[1] == -np.inf
+
+
 def test_helpers() -> None:
     assert intra_list_diversity(np.ones((1, 4))) == 0.0
     batch = intra_list_diversity(np.array([[[1, 0], [0, 1]], [[1, 0], [1, 0]]], dtype=float))
@@ -137,8 +195,13 @@ def test_helpers() -> None:
         (lambda: xmmr(np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, 2.0), r"diversity in \[0, 1\]"),
         (
             lambda: diversify("dpp", np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, 0.5),
-            "ordering 'dcg' or 'mmr'",
+            r"ordering in \['expected', 'dcg', 'mmr'\]",
         ),
+        (
+            lambda: expected(np.zeros((2, 3)), np.zeros((2, 3, 2)), 1, 0.5, log_partition=[0.0]),
+            r"log_partition of shape \(2,\)",
+        ),
+        (lambda: expected(np.zeros((1, 3)), np.zeros((1, 3, 2)), 1, 0.5, temperature=0), "> 0"),
         (lambda: intra_list_diversity(np.zeros(3)), r"\(S, D\) or \(B, S, D\)"),
         (lambda: coverage([["a"]], 0), "n_items > 0"),
     ],

@@ -9,8 +9,11 @@ import pytest
 
 from serving.catalog import Catalog, CatalogRows, ItemMeta
 from serving.index import ItemIndex
+from serving.ordering import expected, log_partition_of
 from serving.pipeline import (
+    DEFAULT_DIVERSITY,
     Candidates,
+    Ordered,
     Pipeline,
     RetrievalScoreReranker,
     SlateRequest,
@@ -335,3 +338,45 @@ def test_catalog_and_row_view() -> None:
 def test_catalog_rejects_bad_input(call: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()  # type: ignore[operator]
+
+
+def test_expected_ordering_reads_probabilities_over_every_candidate(
+    world: tuple[MeanEncoder, Catalog],
+) -> None:
+    """The order stage orders the best ``mmr_pool`` candidates, but "expected" normalises each
+    user's probabilities over all of them (``serving.ordering.log_partition_of``)."""
+    encoder, catalog = world
+    temp, weight, pool = 10.0, 0.03, 20
+    pipe = Pipeline.from_encoder(
+        encoder, catalog, slate_size=10, mmr_pool=pool, diversity=weight, ordering="expected"
+    )
+    pipe.order.temperature = temp  # the dot products (up to ~22) as logits
+    seen: list[Candidates] = []
+    stage = pipe.order
+
+    class Spy:
+        name, slate_size = stage.name, stage.slate_size
+
+        def __call__(self, cands: Candidates) -> Ordered:
+            seen.append(cands)
+            return stage(cands)
+
+    pipe.order = Spy()  # type: ignore[assignment]
+    slate = pipe.recommend([SlateRequest("u", steps(["c3-1", "c3-2", "c4-1"]))])[0]
+    cands = seen[0]
+    top = np.argsort(-cands.scores, axis=1, kind="stable")[:, :pool]
+    rows = np.take_along_axis(cands.rows, top, axis=1)
+    rel = np.take_along_axis(cands.scores, top, axis=1)
+    vecs = pipe.index.vectors_of_rows(rows)
+    assert stage.catalog_rows is not None
+    cats = stage.catalog_rows.categories_of(rows)
+    log_z = log_partition_of(np.where(cands.valid, cands.scores, -np.inf), temp)
+    picks = expected(rel, vecs, 10, weight, categories=cats, temperature=temp, log_partition=log_z)
+    assert slate.item_ids == cands.row_ids[rows[0, picks[0]]].tolist()
+    # Normalised over the pool alone, the same scores would read as a more confident user.
+    pool_only = expected(rel, vecs, 10, weight, categories=cats, temperature=temp)
+    assert picks.tolist() != pool_only.tolist()
+    assert DEFAULT_DIVERSITY["expected"] < DEFAULT_DIVERSITY["dcg"]
+    assert Pipeline.from_encoder(encoder).order.diversity == DEFAULT_DIVERSITY["expected"]
+    with pytest.raises(ValueError, match="expected ordering in"):
+        Pipeline.from_encoder(encoder, ordering="bogus")

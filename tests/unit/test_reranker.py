@@ -510,11 +510,11 @@ def test_calibration_is_stored_beside_both_models_and_read_by_the_pipeline(
     assert Pipeline.from_encoder(again).order.temperature == pytest.approx(t_enc, rel=1e-4)
     # ... and so does the diversity weight chosen on validation, unless the settings give one.
     w_enc, w_rr = fits.weights["retrieval"], fits.weights["rerank"]
-    assert (again.slate_weight("dcg"), again_rr.slate_weight("dcg")) == (
+    assert (again.slate_weight("expected"), again_rr.slate_weight("expected")) == (
         w_enc.diversity,
         w_rr.diversity,
     )
-    assert again.slate_weight("mmr") is None  # chosen for "dcg" only
+    assert again.slate_weight("mmr") is None  # chosen for the default ordering only
     assert w_rr.ndcg_change >= -w_rr.max_loss
     chosen = Pipeline.from_settings(again, None, Settings(), reranker=again_rr)
     assert chosen.order.diversity == w_rr.diversity
@@ -522,7 +522,11 @@ def test_calibration_is_stored_beside_both_models_and_read_by_the_pipeline(
     given = Pipeline.from_settings(again, None, Settings(diversity=0.3), reranker=again_rr)
     assert (given.order.diversity, given.diversity_source) == (0.3, "settings")
     other = Pipeline.from_settings(again, None, Settings(ordering="mmr"), reranker=again_rr)
-    assert (other.order.diversity, other.diversity_source) == (0.15, "default")
+    assert other.order.diversity == 0.15
+    assert other.diversity_source == (
+        "default; the model's weight was chosen for ordering 'expected': `streamrec calibrate` "
+        "chooses one for 'mmr'"
+    )
 
 
 def with_table(encoder: LoadedEncoder, tiny_log: Interactions, weight: float = 2.0) -> CoVisitation:

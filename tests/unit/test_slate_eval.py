@@ -16,16 +16,18 @@ from serving.encoder import EncoderConfig, SequenceEncoder
 from serving.evaluate import evaluate_split
 from serving.reranker import MISS, RerankTrainConfig, train_reranker
 from serving.slate_eval import (
-    WEIGHT_GRID,
+    calibrate,
     choose_diversity,
     choose_weight,
     evaluate_slates,
+    fitted_for_seen_filter,
     mmr_slates,
     plot_tradeoff,
     seen_mask,
     slate_metrics,
     slate_ranks,
     top_k,
+    weight_grid,
 )
 
 torch.set_num_threads(1)
@@ -85,11 +87,16 @@ def test_choose_diversity() -> None:
     ]
     assert choose_diversity(curve, max_loss=0.02)["diversity"] == 0.2
     assert choose_diversity(curve, max_loss=0.0)["diversity"] == 0.0
+    # A row's NDCG@10 standard error is kept as a margin: 0.2 is within 2% only by luck.
+    noisy = [{**r, "NDCG@10_se": 0.0005 * r["diversity"] / 0.1} for r in curve]
+    assert choose_diversity(noisy, max_loss=0.02)["diversity"] == 0.1
+    assert choose_diversity(noisy, max_loss=0.02, margin_se=0.0)["diversity"] == 0.2
     with pytest.raises(ValueError, match=r"diversity 0\.0 row"):
         choose_diversity(curve[1:])
 
 
-def test_choose_weight_is_the_largest_within_the_loss() -> None:
+@pytest.mark.parametrize("ordering", ["expected", "dcg"])
+def test_choose_weight_is_the_largest_within_the_loss(ordering: str) -> None:
     """Candidates in two directions; the likely ones share one, so diversity costs NDCG."""
     rng = np.random.default_rng(5)
     n_items, users, c = 60, 400, 30
@@ -102,20 +109,29 @@ def test_choose_weight_is_the_largest_within_the_loss() -> None:
     targets = np.array([row[rng.choice(c, p=pr)] for row, pr in zip(cand, p, strict=True)])
 
     def ndcg(w: float) -> float:
-        slates = mmr_slates(cand, scores, vecs, 10, w, ordering="dcg")
+        slates = mmr_slates(cand, scores, vecs, 10, w, ordering=ordering)
         return slate_metrics(slates, targets, vecs, 10)["NDCG@10"]
 
-    got = choose_weight(cand, scores, targets, vecs, temperature=1.0, max_loss=0.02)
+    got = choose_weight(
+        cand, scores, targets, vecs, temperature=1.0, max_loss=0.02, ordering=ordering,
+        margin_se=0.0,
+    )  # fmt: skip
     base, at = ndcg(0.0), ndcg(got.diversity)
     assert got.diversity > 0.0
     assert at >= 0.98 * base  # within the loss...
     assert got.ndcg_change == pytest.approx(at / base - 1.0, abs=1e-4)
     assert got.ild_change > 0
-    larger = [w for w in WEIGHT_GRID if w > got.diversity]
+    larger = [w for w in weight_grid(ordering) if w > got.diversity]
     assert larger
     assert all(ndcg(w) < 0.98 * base for w in larger)  # ... and the largest such
-    assert (got.ordering, got.users, got.max_loss) == ("dcg", users, 0.02)
-    strict = choose_weight(cand, scores, targets, vecs, temperature=1.0, max_loss=0.0, users=100)
+    assert (got.ordering, got.users, got.max_loss) == (ordering, users, 0.02)
+    # The default keeps one standard error of the NDCG@10 change inside the loss: never more.
+    safe = choose_weight(cand, scores, targets, vecs, temperature=1.0, ordering=ordering)
+    assert (safe.margin_se, got.margin_se) == (1.0, 0.0)
+    assert safe.diversity <= got.diversity
+    strict = choose_weight(
+        cand, scores, targets, vecs, temperature=1.0, max_loss=0.0, users=100, ordering=ordering
+    )
     assert strict.users == 100
     assert strict.ndcg_change >= 0.0
 
@@ -214,3 +230,49 @@ def test_filtered_rows_equal_history_excluded_full_ranking(
     assert rep["seen_share"] > 0
     assert rep["retrieval_filtered"]["NDCG@10"] == pytest.approx(ex.metrics["NDCG@10"])
     assert rep["retrieval_filtered"]["HR@10"] == pytest.approx(ex.metrics["HR@10"])
+
+
+def test_full_stage_without_a_reranker_orders_what_the_worker_orders(
+    encoder: LoadedEncoder, tiny_log: Interactions, tmp_path: Path
+) -> None:
+    """No reranker: the curve orders the retrieval scores; with ``filter_seen`` the history
+    items are dropped first, so its weight-0 row is the seen-filtered retrieval row."""
+    split = leave_one_out(tiny_log)
+    grid = (0.0, 0.01, 0.1)
+    kept = evaluate_slates(encoder, split, candidates=20, grid=grid)
+    assert (kept["curve_of"], set(kept["curve"]), kept["ordering"]) == (
+        "retrieval",
+        {"retrieval"},
+        "expected",
+    )
+    assert kept["seen_filtered"] is False
+    assert kept["curve"]["retrieval"][0]["NDCG@10"] == pytest.approx(kept["retrieval"]["NDCG@10"])
+    seen = evaluate_slates(encoder, split, candidates=20, grid=grid, filter_seen=True)
+    assert seen["seen_share"] > 0
+    assert seen["seen_filtered"] is True
+    base = seen["curve"]["retrieval"][0]
+    assert base["NDCG@10"] == pytest.approx(seen["retrieval_filtered"]["NDCG@10"])
+    assert base["ILD@10"] == pytest.approx(seen["retrieval_filtered"]["ILD@10"])
+    assert seen["diversity"] in grid
+    assert plot_tradeoff(seen, tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_calibrate_follows_the_seen_filter_the_side_scores_were_fitted_for(
+    encoder: LoadedEncoder, tiny_log: Interactions
+) -> None:
+    split = leave_one_out(tiny_log)
+    kept = calibrate(encoder, split, candidates=20)
+    assert (kept.weights["retrieval"].ordering, kept.weights["retrieval"].seen_filtered) == (
+        "expected",
+        False,
+    )
+    # `streamrec train --filter-seen` records the protocol; calibrate then drops the history
+    # items from the candidates before it fits the temperature and the weight.
+    encoder.config["covisit_fit"] = {"validation_history": "excluded"}
+    assert fitted_for_seen_filter(encoder)
+    auto = calibrate(encoder, split, candidates=20)
+    assert auto.weights["retrieval"].seen_filtered is True
+    assert encoder.config["slate"]["seen_filtered"] is True
+    assert auto.fits["retrieval"].nll != pytest.approx(kept.fits["retrieval"].nll)
+    forced = calibrate(encoder, split, candidates=20, filter_seen=False)
+    assert forced.fits["retrieval"].nll == pytest.approx(kept.fits["retrieval"].nll)
