@@ -1,11 +1,12 @@
 """Per-stage cost of ``Pipeline.recommend`` on the stream benchmark's batch shape, no Kafka.
 
     python bench/pipeline_stages.py [--batch 256] [--items 2000] [--reps 30] [--affinity]
-        [--json OUT]
+        [--ordering expected|dcg|mmr] [--json OUT]
 
 The batch is what a worker sees in ``streamrec bench stream``: a generated shop (2,000 items
 in 12 categories, all in the catalog), 256 users with up to 50 steps of history, 200
-candidates, a slate of 10, diversity 0.2, one fresh (text-embedded) item. The encoder is a
+candidates, a slate of 10, one fresh (text-embedded) item, ordered by ``--ordering`` at
+diversity 0.2 (``dcg``, ``mmr``) or the default weight of ``expected``. The encoder is a
 mean of item vectors (the real encoder's cost is the encoder benchmark's business), so the
 figures are retrieve, filter, rerank and order. ``--affinity`` gives the encoder the shop's
 categories as item attributes and an attribute affinity at weight 2 (``serving.affinity``),
@@ -34,7 +35,8 @@ from bench.index_bench import MeanEncoder
 from serving.affinity import Affinity, AffinityConfig
 from serving.catalog import Catalog, ItemMeta
 from serving.data import ItemVocab
-from serving.pipeline import FreshItems, Pipeline, SlateRequest
+from serving.ordering import ORDERINGS
+from serving.pipeline import DEFAULT_DIVERSITY, FreshItems, Pipeline, SlateRequest
 from serving.synthetic import make_shop
 from serving.types import Step
 
@@ -53,7 +55,7 @@ class AttributeEncoder(MeanEncoder):
 
 
 def build(
-    batch: int, n_items: int, seed: int = 3, affinity: bool = False
+    batch: int, n_items: int, seed: int = 3, affinity: bool = False, ordering: str = "expected"
 ) -> tuple[Pipeline, list[SlateRequest], dict]:
     """A pipeline over a generated shop and one batch of requests; ``stages`` collects times."""
     shop = make_shop(n_items=n_items, n_users=max(batch, 1500), events_per_user=20, seed=seed)
@@ -76,7 +78,8 @@ def build(
         catalog,
         candidates=200,
         slate_size=10,
-        diversity=0.2,
+        diversity=DEFAULT_DIVERSITY[ordering] if ordering == "expected" else 0.2,
+        ordering=ordering,
         on_stage=lambda name, s: stages[name].append(s),
         fresh=fresh,
         fresh_slots=1,
@@ -93,8 +96,10 @@ def build(
     return pipe, requests, stages
 
 
-def run(batch: int, n_items: int, reps: int, affinity: bool = False) -> dict[str, Any]:
-    pipe, requests, stages = build(batch, n_items, affinity=affinity)
+def run(
+    batch: int, n_items: int, reps: int, affinity: bool = False, ordering: str = "expected"
+) -> dict[str, Any]:
+    pipe, requests, stages = build(batch, n_items, affinity=affinity, ordering=ordering)
     pipe.recommend(requests)  # warm-up
     stages.clear()
     total = []
@@ -107,6 +112,8 @@ def run(batch: int, n_items: int, reps: int, affinity: bool = False) -> dict[str
         "items": n_items,
         "reps": reps,
         "affinity": affinity,
+        "ordering": ordering,
+        "diversity": pipe.order.diversity,
         "total_ms": float(np.median(total) * 1e3),
         "stages_ms": {k: round(float(np.median(v) * 1e3), 3) for k, v in stages.items()},
     }
@@ -119,10 +126,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--affinity", action="store_true", help="apply attribute affinity")
+    ap.add_argument("--ordering", choices=ORDERINGS, default="expected")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     faiss.omp_set_num_threads(args.threads)
-    res = run(args.batch, args.items, args.reps, args.affinity)
+    res = run(args.batch, args.items, args.reps, args.affinity, args.ordering)
     print(json.dumps(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
