@@ -125,12 +125,12 @@ def mmr(
     embeddings are float32 already and cosines agree with the float64 reference to ~1e-7.
     Relevance normalisation and the running scores stay float64 (they are only (B, C)).
     """
-    return _greedy(
+    return diversify(
+        "mmr",
         relevance,
         vectors,
         k,
         diversity,
-        "mmr",
         categories=categories,
         category_weight=category_weight,
     )
@@ -149,16 +149,15 @@ def xmmr(
     """Batched expected-gain MMR (module doc, ordering ``"dcg"``); same contract as
     :func:`mmr`. ``relevance`` must be logits (adding a constant to a row changes nothing),
     ``temperature`` > 0 their scorer's calibrated temperature."""
-    if not temperature > 0:
-        raise ValueError(f"{STAGE}: expected temperature > 0, got {temperature}")
-    return _greedy(
-        np.asarray(relevance, dtype=np.float64) / temperature,
+    return diversify(
+        "dcg",
+        relevance,
         vectors,
         k,
         diversity,
-        "dcg",
         categories=categories,
         category_weight=category_weight,
+        temperature=temperature,
     )
 
 
@@ -177,24 +176,15 @@ def expected(
     contract as :func:`xmmr`. ``log_partition (B,)``: ``log sum exp(score / T)`` over each
     user's whole candidate set when ``relevance`` is only part of it; by default the sum runs
     over the row's valid candidates."""
-    if not temperature > 0:
-        raise ValueError(f"{STAGE}: expected temperature > 0, got {temperature}")
-    scaled = np.asarray(relevance, dtype=np.float64) / temperature
-    if log_partition is not None:
-        log_partition = np.asarray(log_partition, dtype=np.float64)
-        if log_partition.shape != scaled.shape[:1]:
-            raise ValueError(
-                f"{STAGE}: expected log_partition of shape ({scaled.shape[0]},), got "
-                f"{log_partition.shape}"
-            )
-    return _greedy(
-        scaled,
+    return diversify(
+        "expected",
+        relevance,
         vectors,
         k,
         diversity,
-        "expected",
         categories=categories,
         category_weight=category_weight,
+        temperature=temperature,
         log_partition=log_partition,
     )
 
@@ -227,34 +217,33 @@ def diversify(
     temperature: float = 1.0,
     log_partition: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``expected`` (``ordering="expected"``), ``xmmr`` (``"dcg"``), both at ``temperature``,
-    or ``mmr`` (``"mmr"``). ``log_partition`` is read by ``"expected"`` only."""
-    if ordering == "expected":
-        return expected(
-            relevance,
-            vectors,
-            k,
-            diversity,
-            categories=categories,
-            category_weight=category_weight,
-            temperature=temperature,
-            log_partition=log_partition,
-        )
-    if ordering == "dcg":
-        return xmmr(
-            relevance,
-            vectors,
-            k,
-            diversity,
-            categories=categories,
-            category_weight=category_weight,
-            temperature=temperature,
-        )
-    if ordering == "mmr":
-        return mmr(
-            relevance, vectors, k, diversity, categories=categories, category_weight=category_weight
-        )
-    raise ValueError(f"{STAGE}: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
+    """``expected`` (``ordering="expected"``), ``xmmr`` (``"dcg"``), both over ``relevance``
+    at ``temperature``, or ``mmr`` (``"mmr"``, which reads no temperature).
+    ``log_partition`` is read by ``"expected"`` only."""
+    if ordering not in ORDERINGS:
+        raise ValueError(f"{STAGE}: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
+    scaled = np.asarray(relevance, dtype=np.float64)
+    if ordering != "mmr":
+        if not temperature > 0:
+            raise ValueError(f"{STAGE}: expected temperature > 0, got {temperature}")
+        scaled = scaled / temperature
+    if ordering == "expected" and log_partition is not None:
+        log_partition = np.asarray(log_partition, dtype=np.float64)
+        if log_partition.shape != scaled.shape[:1]:
+            raise ValueError(
+                f"{STAGE}: expected log_partition of shape ({scaled.shape[0]},), got "
+                f"{log_partition.shape}"
+            )
+    return _greedy(
+        scaled,
+        vectors,
+        k,
+        diversity,
+        ordering,
+        categories=categories,
+        category_weight=category_weight,
+        log_partition=log_partition if ordering == "expected" else None,
+    )
 
 
 def _relative_relevance(
