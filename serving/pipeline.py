@@ -822,9 +822,19 @@ class Pipeline:
         """``from_encoder`` with candidates, slate_size, diversity, filter_seen and ordering
         from settings. Unset ``diversity`` is the weight stored with the scorer whose scores
         the order stage sees (:func:`resolve_diversity`)."""
+        ordering = settings.ordering
         diversity, source = resolve_diversity(
-            settings.diversity, settings.ordering, params.get("reranker") or encoder
+            settings.diversity, ordering, params.get("reranker") or encoder
         )
+        if ordering == "expected" and source.startswith("default"):
+            # "expected" reads absolute probabilities: without a weight chosen on this model's
+            # calibrated scores its scale means nothing, so keep the ordering whose default
+            # does not depend on it.
+            ordering, diversity = "dcg", DEFAULT_DIVERSITY["dcg"]
+            source = (
+                "no weight chosen on validation for ordering 'expected', so dcg at its default; "
+                "`streamrec calibrate` chooses one"
+            )
         return cls.from_encoder(
             encoder,
             catalog,
@@ -832,7 +842,7 @@ class Pipeline:
             slate_size=settings.slate_size,
             diversity=diversity,
             filter_seen=settings.filter_seen,
-            ordering=settings.ordering,
+            ordering=ordering,
             rerank_top=settings.rerank_candidates,
             covisit_weight=settings.covisit_weight,
             covisit_candidates=settings.covisit_candidates,

@@ -105,7 +105,7 @@ class Recommender:
         affinity = pipeline.covisit.affinity
         log.info(
             "slate ordering %s, diversity %g (%s); co-visitation %s; attribute affinity %s; %s",
-            self.settings.ordering,
+            pipeline.order.ordering,
             pipeline.order.diversity,
             pipeline.diversity_source,
             f"weight {pipeline.covisit.weight:g}, {len(pipeline.covisit.table):,} pairs"

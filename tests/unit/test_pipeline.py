@@ -380,3 +380,25 @@ def test_expected_ordering_reads_probabilities_over_every_candidate(
     assert Pipeline.from_encoder(encoder).order.diversity == DEFAULT_DIVERSITY["expected"]
     with pytest.raises(ValueError, match="expected ordering in"):
         Pipeline.from_encoder(encoder, ordering="bogus")
+
+
+def test_expected_without_a_chosen_weight_falls_back_to_dcg(
+    world: tuple[MeanEncoder, Catalog],
+) -> None:
+    """ "expected" weights only mean something on calibrated scores: a model with none chosen
+    is served with dcg at its default, and the start-up source says why."""
+    encoder, catalog = world
+
+    class Unset(FakeSettings):
+        ordering = "expected"
+        diversity = None
+
+    pipe = Pipeline.from_settings(encoder, catalog, Unset())
+    assert (pipe.order.ordering, pipe.order.diversity) == ("dcg", DEFAULT_DIVERSITY["dcg"])
+    assert pipe.diversity_source.startswith("no weight chosen on validation for ordering")
+
+    class Given(Unset):
+        diversity = 0.01
+
+    given = Pipeline.from_settings(encoder, catalog, Given())
+    assert (given.order.ordering, given.order.diversity) == ("expected", 0.01)
