@@ -666,25 +666,31 @@ def _stored_ordering(scorer: object) -> str | None:
     return entry.get("ordering") if isinstance(entry, dict) else None
 
 
-def resolve_diversity(setting: float | None, ordering: str, scorer: object) -> tuple[float, str]:
-    """The slate's diversity weight and where it came from: ``setting`` when given, else the
-    weight chosen on validation for ``ordering`` and stored with ``scorer`` (its
-    ``slate_weight(ordering)``), else the ordering's :data:`DEFAULT_DIVERSITY`."""
+def resolve_slate(setting: float | None, ordering: str, scorer: object) -> tuple[str, float, str]:
+    """The slate's ordering, its diversity weight and where the weight came from: ``setting``
+    when given, else the weight chosen on validation for ``ordering`` and stored with
+    ``scorer`` (its ``slate_weight(ordering)``), else the ordering's
+    :data:`DEFAULT_DIVERSITY`. "expected" reads absolute probabilities, whose scale means
+    nothing without a weight chosen on the model's calibrated scores, so without one the slate
+    is ordered by "dcg" at its default instead."""
     if ordering not in ORDERINGS:
         raise ValueError(f"pipeline: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
     if setting is not None:
-        return setting, "settings"
+        return ordering, setting, "settings"
     stored = getattr(scorer, "slate_weight", None)
     weight = stored(ordering) if callable(stored) else None
     if weight is not None:
-        return float(weight), f"chosen on validation for {getattr(scorer, 'version', 'the model')}"
+        version = getattr(scorer, "version", "the model")
+        return ordering, float(weight), f"chosen on validation for {version}"
+    hint = f"`streamrec calibrate` chooses one for {ordering!r}"
+    if ordering == "expected":
+        why = f"no weight chosen on validation for ordering {ordering!r}, so dcg at its default"
+        return "dcg", DEFAULT_DIVERSITY["dcg"], f"{why}; {hint}"
     other = _stored_ordering(scorer)
     if other is not None and other != ordering:
-        return DEFAULT_DIVERSITY[ordering], (
-            f"default; the model's weight was chosen for ordering {other!r}: "
-            f"`streamrec calibrate` chooses one for {ordering!r}"
-        )
-    return DEFAULT_DIVERSITY[ordering], "default"
+        why = f"default; the model's weight was chosen for ordering {other!r}"
+        return ordering, DEFAULT_DIVERSITY[ordering], f"{why}: {hint}"
+    return ordering, DEFAULT_DIVERSITY[ordering], "default"
 
 
 class Pipeline:
@@ -821,20 +827,10 @@ class Pipeline:
     ) -> Pipeline:
         """``from_encoder`` with candidates, slate_size, diversity, filter_seen and ordering
         from settings. Unset ``diversity`` is the weight stored with the scorer whose scores
-        the order stage sees (:func:`resolve_diversity`)."""
-        ordering = settings.ordering
-        diversity, source = resolve_diversity(
-            settings.diversity, ordering, params.get("reranker") or encoder
+        the order stage sees (:func:`resolve_slate`, which may change the ordering)."""
+        ordering, diversity, source = resolve_slate(
+            settings.diversity, settings.ordering, params.get("reranker") or encoder
         )
-        if ordering == "expected" and source.startswith("default"):
-            # "expected" reads absolute probabilities: without a weight chosen on this model's
-            # calibrated scores its scale means nothing, so keep the ordering whose default
-            # does not depend on it.
-            ordering, diversity = "dcg", DEFAULT_DIVERSITY["dcg"]
-            source = (
-                "no weight chosen on validation for ordering 'expected', so dcg at its default; "
-                "`streamrec calibrate` chooses one"
-            )
         return cls.from_encoder(
             encoder,
             catalog,
