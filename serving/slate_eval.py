@@ -83,9 +83,8 @@ def slate_ranks(slates: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(hit.any(axis=1), hit.argmax(axis=1), MISS).astype(np.int64)
 
 
-def ndcg_gains(slates: np.ndarray, targets: np.ndarray, k: int = 10) -> np.ndarray:
-    """``(U,)`` each slate's NDCG@k for its one target (IDCG = 1)."""
-    ranks = slate_ranks(np.asarray(slates)[:, :k], targets)
+def _gains(ranks: np.ndarray, k: int) -> np.ndarray:
+    """``(U,)`` NDCG@k of each slate's one target at 0-based ``ranks`` (IDCG = 1)."""
     return np.where(ranks < k, 1.0 / np.log2(np.minimum(ranks, k) + 2.0), 0.0)
 
 
@@ -97,6 +96,13 @@ def slate_metrics(
     ``item_vectors (N + 1, D)`` are indexed by item index (row 0 = padding); coverage is over
     the N real items. Slates shorter than k items score ILD over the items they have.
     """
+    return _metrics_and_gains(slates, targets, item_vectors, k)[0]
+
+
+def _metrics_and_gains(
+    slates: np.ndarray, targets: np.ndarray, item_vectors: np.ndarray, k: int
+) -> tuple[dict[str, float], np.ndarray]:
+    """:func:`slate_metrics` and the per-slate NDCG@k gains it averages."""
     slates = np.asarray(slates)
     if slates.ndim != 2 or slates.shape[1] < k or k < 1:
         raise ValueError(f"{STAGE}: expected slates (U, >= {k}) and k >= 1, got {slates.shape}")
@@ -105,17 +111,18 @@ def slate_metrics(
     top = slates[:, :k]
     ranks = slate_ranks(top, targets)
     hit = ranks < k
-    gains = ndcg_gains(top, targets, k)
+    gains = _gains(ranks, k)
     vecs = np.asarray(item_vectors)[np.maximum(top, 0)]
     vecs = np.where((top >= 0)[:, :, None], vecs, 0.0)
     ild = np.asarray(intra_list_diversity(vecs), dtype=np.float64)
     full = (top >= 0).all(axis=1)
-    return {
+    metrics = {
         f"HR@{k}": float(hit.mean()),
         f"NDCG@{k}": float(gains.mean()),
         f"ILD@{k}": float(ild[full].mean()) if full.any() else 0.0,
         f"coverage@{k}": coverage(top.tolist(), len(item_vectors) - 1),
     }
+    return metrics, gains
 
 
 def seen_mask(cand: np.ndarray, log_: EncodedLog, cases: Sequence[EvalCase]) -> np.ndarray:
@@ -208,10 +215,8 @@ def tradeoff_curve(
     ``{"diversity", HR@k, NDCG@k, ILD@k, coverage@k}``, and with a weight-0 row in the grid
     ``NDCG@k_se``: the standard error of each row's mean NDCG@k change from it (paired over
     the same users), which :func:`choose_diversity` keeps as a margin."""
-    rows = []
-    weights = [float(w) for w in (curve_grid(ordering) if grid is None else grid)]
-    base = ndcg_gains(top_k(cand, scores, k), targets, k) if 0.0 in weights and len(cand) else None
-    for lam in weights:
+    rows, gains = [], []
+    for lam in curve_grid(ordering) if grid is None else grid:
         slates = mmr_slates(
             cand,
             scores,
@@ -223,11 +228,14 @@ def tradeoff_curve(
             ordering=ordering,
             temperature=temperature,
         )
-        row = {"diversity": lam, **slate_metrics(slates, targets, item_vectors, k)}
-        if base is not None:
-            change = ndcg_gains(slates, targets, k) - base
+        metrics, per_user = _metrics_and_gains(slates, targets, item_vectors, k)
+        rows.append({"diversity": float(lam), **metrics})
+        gains.append(per_user)
+    base = next((g for r, g in zip(rows, gains, strict=True) if r["diversity"] == 0.0), None)
+    if base is not None:
+        for row, per_user in zip(rows, gains, strict=True):
+            change = per_user - base
             row[f"NDCG@{k}_se"] = float(change.std() / np.sqrt(len(change)))
-        rows.append(row)
     return rows
 
 
@@ -391,7 +399,13 @@ def calibrate(
         covisit=table,
         affinity=affinity,
     )
-    scored = {"retrieval": (logged, logged.retrieval)}
+    seen = seen_mask(logged.cand, log_, cases) if filter_seen else None
+    scored = {
+        "retrieval": (
+            logged,
+            logged.retrieval if seen is None else np.where(seen, -np.inf, logged.retrieval),
+        )
+    }
     if reranker is not None:
         rr_table = serving_table(encoder, reranker)
         rr_logged = (
@@ -401,18 +415,11 @@ def calibrate(
                 encoder, log_, at, candidates=candidates, seq_len=seq_len, covisit=rr_table
             )
         )
-        if filter_seen:
-            seen = seen_mask(rr_logged.cand, log_, cases)
-            unseen = replace(rr_logged, cand=np.where(seen, 0, rr_logged.cand))
-            scored["rerank"] = (
-                rr_logged,
-                np.where(seen, -np.inf, score_logged(reranker.net, unseen)),
-            )
-        else:
+        if seen is None:
             scored["rerank"] = (rr_logged, score_logged(reranker.net, rr_logged))
-    if filter_seen:
-        seen = seen_mask(logged.cand, log_, cases)
-        scored["retrieval"] = (logged, np.where(seen, -np.inf, logged.retrieval))
+        else:
+            rr_seen = seen if rr_logged is logged else seen_mask(rr_logged.cand, log_, cases)
+            scored["rerank"] = (rr_logged, unseen_scores(reranker, rr_logged, rr_seen))
     fits = {
         name: fit_temperature(scores, _served_target(cands.target_pos, scores))
         for name, (cands, scores) in scored.items()
@@ -443,6 +450,16 @@ def calibrate(
             if name in fits:
                 store_calibration(Path(model_dir) / file, fits[name], weights[name])
     return Calibrated(fits, weights)
+
+
+def unseen_scores(
+    reranker: TransformerReranker, logged: LoggedCandidates, seen: np.ndarray
+) -> np.ndarray:
+    """``(U, C)`` the reranker's scores as a worker with ``STREAMREC_FILTER_SEEN=1`` computes
+    them: the pipeline filters before it reranks, so the reranker scores only the candidates
+    not in ``seen (U, C)``; seen ones score -inf."""
+    unseen = replace(logged, cand=np.where(seen, 0, logged.cand))
+    return np.where(seen, -np.inf, score_logged(reranker.net, unseen))
 
 
 def fitted_for_seen_filter(encoder: EncoderLike) -> bool:
@@ -573,9 +590,7 @@ def evaluate_slates(
         scores = score_logged(reranker.net, logged)
         report["rerank_seconds"] = round(time.perf_counter() - t0, 2)
         report["rerank"] = slate_metrics(top_k(logged.cand, scores, k), targets, vectors, k)
-        # The pipeline filters before it reranks: the reranker scores only the unseen ones.
-        unseen = replace(logged, cand=np.where(seen, 0, logged.cand))
-        filtered = np.where(seen, -np.inf, score_logged(reranker.net, unseen))
+        filtered = unseen_scores(reranker, logged, seen)
         report["rerank_filtered"] = slate_metrics(
             top_k(logged.cand, filtered, k), targets, vectors, k
         )
