@@ -512,6 +512,11 @@ class CoVisitStage:
         )
 
 
+def _check_ordering(ordering: str) -> None:
+    if ordering not in ORDERINGS:
+        raise ValueError(f"pipeline: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
+
+
 class OrderStage:
     name: ClassVar[str] = "order"
 
@@ -532,8 +537,7 @@ class OrderStage:
         ``"dcg"`` (expected-gain MMR, ``serving.ordering.xmmr``) or ``"mmr"``;
         temperature: the calibrated temperature of the scores it orders (not read by ``"mmr"``).
         ``"expected"`` reads each user's probabilities over all its candidates, not the pool."""
-        if ordering not in ORDERINGS:
-            raise ValueError(f"pipeline: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
+        _check_ordering(ordering)
         self.pool, self.ordering, self.temperature = pool, ordering, temperature
         self.index, self.catalog_rows = index, rows
         self.slate_size, self.diversity, self.category_weight = (
@@ -673,8 +677,7 @@ def resolve_slate(setting: float | None, ordering: str, scorer: object) -> tuple
     :data:`DEFAULT_DIVERSITY`. "expected" reads absolute probabilities, whose scale means
     nothing without a weight chosen on the model's calibrated scores, so without one the slate
     is ordered by "dcg" at its default instead."""
-    if ordering not in ORDERINGS:
-        raise ValueError(f"pipeline: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
+    _check_ordering(ordering)
     if setting is not None:
         return ordering, setting, "settings"
     stored = getattr(scorer, "slate_weight", None)
@@ -745,8 +748,7 @@ class Pipeline:
             raise ValueError(
                 f"pipeline: expected encoder dim == index dim, got {encoder.dim} and {index.dim}"
             )
-        if ordering not in ORDERINGS:
-            raise ValueError(f"pipeline: expected ordering in {list(ORDERINGS)}, got {ordering!r}")
+        _check_ordering(ordering)
         if diversity is None:
             diversity = DEFAULT_DIVERSITY[ordering]
         if not (1 <= slate_size <= candidates) or not 0.0 <= diversity <= 1.0:
