@@ -75,8 +75,8 @@ class Settings(BaseSettings):
         ge=0.0,
         le=1.0,
         description="weight on diversity in the slate ordering (0 = off); unset: the weight "
-        "chosen on validation and stored with the model, else the ordering's default (0.005 "
-        "for expected, 0.15 for dcg and mmr)",
+        "chosen on validation and stored with the model, else 0.15 (a model with no weight "
+        "chosen for expected is then ordered by dcg)",
     )
     ordering: Literal["expected", "dcg", "mmr"] = Field(
         "expected",
